@@ -1,0 +1,243 @@
+"""Dynamic batching: one thread owns a model and runs queued requests together.
+
+Requests from every connection land in one bounded queue per model. The owner
+thread takes the oldest request, waits at most ``max_wait_s`` for more to
+arrive (never longer than the oldest request's deadline), gathers the queued
+requests whose inputs are compatible with it (same keys, per-row shapes and
+dtypes) up to ``max_batch_size`` rows, stacks them, runs one forward pass and
+answers each request's future with its own rows. Incompatible requests stay
+queued, in order, for the next batch. An exception in the model is given to
+every request of that batch; the thread keeps serving.
+
+Deadlines use ``time.monotonic()``.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import dataclasses
+import logging
+import threading
+import time
+from typing import Any, Callable
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+Signature = tuple[tuple[str, tuple[int, ...], str], ...]
+
+
+class Overloaded(RuntimeError):
+    """The queue is full; the client should back off and retry."""
+
+
+class ShuttingDown(RuntimeError):
+    """The batcher no longer accepts work."""
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchTiming:
+    queue_ms: float
+    infer_ms: float
+    batch_size: int  # rows in the forward pass
+    batch_requests: int  # requests that shared it
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchResult:
+    outputs: dict[str, np.ndarray]  # leading axis = this request's rows
+    timing: BatchTiming
+
+
+@dataclasses.dataclass
+class Request:
+    """``inputs`` maps each key to an array whose leading axis has ``rows`` rows."""
+
+    inputs: dict[str, np.ndarray]
+    rows: int
+    future: concurrent.futures.Future = dataclasses.field(default_factory=concurrent.futures.Future)
+    enqueued_at: float = 0.0
+    signature: Signature = ()
+
+    def __post_init__(self) -> None:
+        # Strings of different lengths stack fine, so their width is not part of compatibility.
+        self.signature = tuple(
+            sorted((k, v.shape[1:], "U" if v.dtype.kind == "U" else v.dtype.str) for k, v in self.inputs.items())
+        )
+
+
+def stack_inputs(requests: list[Request]) -> dict[str, np.ndarray]:
+    if len(requests) == 1:
+        return requests[0].inputs
+    return {key: np.concatenate([r.inputs[key] for r in requests]) for key in requests[0].inputs}
+
+
+def _check_outputs(outputs: Any, rows: int) -> dict[str, np.ndarray]:
+    if not isinstance(outputs, dict):
+        raise TypeError(f"model returned {type(outputs).__name__}, expected a dict of arrays")
+    checked = {}
+    for key, value in outputs.items():
+        value = np.asarray(value)
+        if value.ndim == 0 or value.shape[0] != rows:
+            raise ValueError(f"model output {key!r} has shape {value.shape}; its first axis must be the batch size {rows}")
+        checked[key] = value
+    return checked
+
+
+def _settle(future: concurrent.futures.Future, *, result: Any = None, exception: BaseException | None = None) -> None:
+    """Answer a future unless its caller gave up (cancelled) meanwhile."""
+    try:
+        if exception is not None:
+            future.set_exception(exception)
+        else:
+            future.set_result(result)
+    except concurrent.futures.InvalidStateError:
+        pass
+
+
+class DynamicBatcher:
+    """Owns ``infer_batch`` (a model's batched forward) on one thread."""
+
+    def __init__(
+        self,
+        infer_batch: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]],
+        *,
+        name: str = "model",
+        max_batch_size: int = 64,
+        max_wait_s: float = 0.001,
+        max_queue: int = 1024,
+    ) -> None:
+        if not isinstance(max_batch_size, int) or max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be an integer >= 1, got {max_batch_size!r}")
+        if not isinstance(max_wait_s, (int, float)) or max_wait_s < 0:
+            raise ValueError(f"max_wait_s must be >= 0 seconds, got {max_wait_s!r}")
+        if not isinstance(max_queue, int) or max_queue < 1:
+            raise ValueError(f"max_queue must be an integer >= 1, got {max_queue!r}")
+        self._infer_batch = infer_batch
+        self.name = name
+        self.max_batch_size = max_batch_size
+        self.max_wait_s = float(max_wait_s)
+        self.max_queue = max_queue
+        self._queue: collections.deque[Request] = collections.deque()
+        self._queued_rows = 0
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._busy = False
+        self._thread = threading.Thread(target=self._run, name=f"batcher-{name}", daemon=True)
+        # Counters for metrics and status.
+        self.batches = 0
+        self.rows_served = 0
+        self.errors = 0
+        self.rejected = 0
+
+    # -- public API -------------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, request: Request) -> concurrent.futures.Future:
+        """Queue ``request``; raises :class:`Overloaded` when the queue is full."""
+        with self._cond:
+            if self._stopping:
+                raise ShuttingDown(f"model {self.name!r} is shutting down")
+            if self._queued_rows + request.rows > self.max_queue and self._queue:
+                self.rejected += 1
+                raise Overloaded(
+                    f"overloaded: model {self.name!r} has {self._queued_rows} rows queued "
+                    f"(max_queue={self.max_queue}); retry later"
+                )
+            request.enqueued_at = time.monotonic()
+            self._queue.append(request)
+            self._queued_rows += request.rows
+            self._cond.notify()
+        return request.future
+
+    @property
+    def queued_rows(self) -> int:
+        return self._queued_rows
+
+    @property
+    def busy(self) -> bool:
+        return self._busy
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Finish what is queued, then end the thread."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    # -- the owner thread -------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and not self._stopping:
+                    self._cond.wait()
+                if not self._queue:
+                    return
+                deadline = self._queue[0].enqueued_at + self.max_wait_s
+                while self._queued_rows < self.max_batch_size and not self._stopping:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        break
+                    self._cond.wait(remaining)
+                batch = self._take_batch()
+                self._busy = True
+            try:
+                self._execute(batch)
+            finally:
+                self._busy = False
+
+    def _take_batch(self) -> list[Request]:
+        """Oldest request plus compatible ones, FIFO, up to max_batch_size rows."""
+        first = self._queue.popleft()
+        batch, rows, kept = [first], first.rows, collections.deque()
+        while self._queue and rows < self.max_batch_size:
+            request = self._queue.popleft()
+            if request.signature == first.signature and rows + request.rows <= self.max_batch_size:
+                batch.append(request)
+                rows += request.rows
+            else:
+                kept.append(request)
+        kept.extend(self._queue)
+        self._queue = kept
+        self._queued_rows -= rows
+        return batch
+
+    def _forward(self, inputs: dict[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
+        if rows <= self.max_batch_size:
+            return _check_outputs(self._infer_batch(inputs), rows)
+        # One explicit batch larger than the limit: run it in max-size chunks.
+        parts = []
+        for start in range(0, rows, self.max_batch_size):
+            chunk = {k: v[start : start + self.max_batch_size] for k, v in inputs.items()}
+            parts.append(_check_outputs(self._infer_batch(chunk), len(next(iter(chunk.values())))))
+        return {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
+
+    def _execute(self, batch: list[Request]) -> None:
+        started = time.monotonic()
+        rows = sum(r.rows for r in batch)
+        try:
+            outputs = self._forward(stack_inputs(batch), rows)
+        except BaseException as exc:  # every request of the batch hears of it
+            self.errors += 1
+            logger.error("model %r failed on a batch of %d rows", self.name, rows, exc_info=True)
+            for request in batch:
+                _settle(request.future, exception=exc)
+            return
+        infer_ms = (time.monotonic() - started) * 1000
+        self.batches += 1
+        self.rows_served += rows
+        offset = 0
+        for request in batch:
+            timing = BatchTiming(
+                queue_ms=(started - request.enqueued_at) * 1000,
+                infer_ms=infer_ms,
+                batch_size=rows,
+                batch_requests=len(batch),
+            )
+            part = {k: v[offset : offset + request.rows] for k, v in outputs.items()}
+            offset += request.rows
+            _settle(request.future, result=BatchResult(part, timing))

@@ -1,0 +1,326 @@
+"""The WebSocket transport: openpi's wire protocol over a dynamic batcher.
+
+The event loop only moves bytes. Large frames are decoded and large replies
+encoded on a small thread pool, and inference runs on each model's batcher
+thread (:mod:`gpu_worker.batching`), so no connection can stall another.
+
+Per connection, after the metadata frame: one request frame in, one reply
+frame out (lock-step). A request error is answered with a text frame holding
+the message, and the connection stays usable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import dataclasses
+import logging
+import signal
+import threading
+import time
+from typing import Any, Callable
+
+import websockets
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.http11 import Request, Response
+
+from gpu_worker import __version__, wire
+from gpu_worker.batching import DynamicBatcher, Overloaded, ShuttingDown
+from gpu_worker.batching import Request as BatchRequest
+from gpu_worker.config import ConfigError, ServerConfig, ws_url
+from gpu_worker.model import ModelLoadError, Policy, load_model
+from gpu_worker.protocol import ParsedFrame, ProtocolError, build_reply, parse_frame
+
+logger = logging.getLogger("gpu_worker")
+
+OFFLOAD_BYTES = 64 * 1024
+"""Frames (and replies) at least this large are (de)coded off the event loop."""
+
+MODEL_PATH_PREFIX = "/models/"
+
+
+@dataclasses.dataclass
+class HostedModel:
+    name: str
+    target: str
+    checkpoint: str | None
+    policy: Policy
+    batcher: DynamicBatcher
+    version: str
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "class": self.target,
+            "checkpoint": self.checkpoint,
+            "version": self.version,
+            "inputs": {k: s.describe() for k, s in self.policy.input_spec.items()},
+            "outputs": {k: s.describe() for k, s in self.policy.output_spec.items()},
+            "metadata": self.policy.metadata(),
+        }
+
+
+def resolve_device(requested: str) -> str:
+    """``auto`` becomes ``cuda`` when a GPU is visible, else ``cpu``."""
+    import torch  # first touched here, inside the server process
+
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device {requested!r} was asked for but no CUDA device is visible (CUDA_VISIBLE_DEVICES?)")
+    return requested
+
+
+class ModelServer:
+    """Hosts the configured models behind one WebSocket port."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.models: dict[str, HostedModel] = {}
+        self.device: str | None = None
+        self.ready = False
+        self.draining = False
+        self.started_at = time.monotonic()
+        self._server: Server | None = None
+        self._inflight = 0
+        self._idle = asyncio.Event()
+        self._metadata: dict[str, bytes] = {}
+        self._codec = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="codec")
+
+    # -- lifecycle --------------------------------------------------------
+    async def start(self) -> int:
+        """Listen (answering 503 while loading), then load the models. Returns the port."""
+        self._server = await serve(
+            self._handle,
+            self.config.host,
+            self.config.port,
+            process_request=self._process_request,
+            max_size=self.config.max_message_bytes,
+            compression=None,
+            max_queue=4,
+        )
+        port = self._server.sockets[0].getsockname()[1]
+        logger.info("listening on ws://%s:%d (loading models)", self.config.host, port)
+        await asyncio.to_thread(self._load_models)
+        self.ready = True
+        logger.info("ready: models %s on %s", list(self.models), self.device)
+        return port
+
+    def _load_models(self) -> None:
+        self.device = resolve_device(self.config.device)
+        for spec in self.config.models:
+            started = time.monotonic()
+            policy = load_model(spec.target, spec.checkpoint, device=self.device, options=spec.options)
+            batcher = DynamicBatcher(
+                policy.infer_batch,
+                name=spec.name,
+                max_batch_size=self.config.max_batch_size,
+                max_wait_s=self.config.max_wait_ms / 1000,
+                max_queue=self.config.max_queue,
+            )
+            batcher.start()
+            version = str(getattr(policy, "version", "init"))
+            self.models[spec.name] = HostedModel(spec.name, spec.target, spec.checkpoint, policy, batcher, version)
+            logger.info("loaded model %r (%s) in %.2fs", spec.name, spec.target, time.monotonic() - started)
+        for name in self.models:
+            self._metadata[name] = wire.packb(self.metadata(name))
+
+    def metadata(self, model: str) -> dict[str, Any]:
+        """The first frame of a connection whose model is ``model``."""
+        hosted = self.models[model]
+        reserved = {"server", "models", "default_model", "model"}
+        own = {k: v for k, v in hosted.policy.metadata().items() if k not in reserved}
+        return {
+            **own,
+            "server": {
+                "name": "gpu_worker",
+                "version": __version__,
+                "device": self.device,
+                "max_batch_size": self.config.max_batch_size,
+                "max_wait_ms": self.config.max_wait_ms,
+                "max_queue": self.config.max_queue,
+                "max_message_bytes": self.config.max_message_bytes,
+                "explicit_batch": True,
+            },
+            "default_model": self.config.default_model,
+            "model": model,
+            "models": {name: m.describe() for name, m in self.models.items()},
+        }
+
+    async def drain_and_close(self, grace_s: float | None = None) -> None:
+        """Stop accepting, let in-flight requests finish (up to the grace period), close."""
+        grace_s = self.config.shutdown_grace_s if grace_s is None else grace_s
+        self.draining = True
+        if self._server is None:
+            return
+        self._server.close(close_connections=False)
+        if self._inflight:
+            logger.info("draining %d in-flight request(s), grace %.1fs", self._inflight, grace_s)
+            self._idle.clear()
+            try:
+                await asyncio.wait_for(self._idle.wait(), grace_s)
+            except asyncio.TimeoutError:
+                logger.warning("grace period over with %d request(s) unanswered", self._inflight)
+        connections = list(self._server.connections)
+        if connections:
+            await asyncio.wait([asyncio.create_task(c.close(1001, "server shutting down")) for c in connections])
+        await self._server.wait_closed()
+        for hosted in self.models.values():
+            await asyncio.to_thread(hosted.batcher.stop, 5.0)
+        self._codec.shutdown(wait=False)
+        logger.info("closed")
+
+    # -- HTTP -------------------------------------------------------------
+    def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
+        path = request.path.split("?", 1)[0]
+        if path == "/healthz":
+            if self.ready and not self.draining:
+                return connection.respond(200, "OK\n")
+            return connection.respond(503, "shutting down\n" if self.draining else "loading models\n")
+        if not self.ready:
+            return connection.respond(503, "models are loading; retry when /healthz answers 200\n")
+        if self.draining:
+            return connection.respond(503, "server is shutting down\n")
+        if path.startswith(MODEL_PATH_PREFIX) and path[len(MODEL_PATH_PREFIX) :] not in self.models:
+            return connection.respond(404, f"unknown model in path {path!r}; hosted: {sorted(self.models)}\n")
+        return None
+
+    # -- WebSocket --------------------------------------------------------
+    async def _handle(self, ws: ServerConnection) -> None:
+        path = ws.request.path.split("?", 1)[0] if ws.request else "/"
+        model = path[len(MODEL_PATH_PREFIX) :] if path.startswith(MODEL_PATH_PREFIX) else self.config.default_model
+        peer = ws.remote_address
+        logger.debug("connection from %s (model %s)", peer, model)
+        prev_total_ms: float | None = None
+        try:
+            await ws.send(self._metadata[model])
+            while True:
+                frame = await ws.recv()
+                started = time.monotonic()
+                self._inflight += 1
+                try:
+                    reply = await self._answer(frame, model, prev_total_ms)
+                    await ws.send(reply)
+                finally:
+                    self._inflight -= 1
+                    if self._inflight == 0:
+                        self._idle.set()
+                prev_total_ms = (time.monotonic() - started) * 1000
+        except websockets.ConnectionClosed:
+            pass
+        except Exception:
+            logger.error("connection %s failed", peer, exc_info=True)
+            await ws.close(1011, "internal server error")
+
+    async def _offload(self, size: int, fn, *args):
+        if size < OFFLOAD_BYTES:
+            return fn(*args)
+        return await asyncio.get_running_loop().run_in_executor(self._codec, fn, *args)
+
+    def _decode(self, frame: bytes, model: str) -> ParsedFrame:
+        specs = {name: m.policy.input_spec for name, m in self.models.items()}
+        return parse_frame(
+            wire.unpackb(frame), specs=specs, default_model=model, max_rows=self.config.max_queue
+        )
+
+    async def _answer(self, frame: bytes | str, model: str, prev_total_ms: float | None) -> bytes | str:
+        if isinstance(frame, str):
+            return "text frames are not accepted: send one msgpack-encoded observation per binary frame (openpi wire format)"
+        if self.draining:
+            return "server is shutting down; send this request to another server"
+        try:
+            parsed = await self._offload(len(frame), self._decode, frame, model)
+        except (ProtocolError, wire.WireError) as exc:
+            return f"bad request: {exc}"
+        hosted = self.models[parsed.model]
+        try:
+            future = hosted.batcher.submit(BatchRequest(parsed.inputs, parsed.rows))
+        except (Overloaded, ShuttingDown) as exc:
+            return str(exc)
+        try:
+            result = await asyncio.wrap_future(future)
+        except Exception as exc:
+            return f"model {parsed.model!r} failed: {type(exc).__name__}: {exc}"
+        timing = {
+            "infer_ms": result.timing.infer_ms,
+            "queue_ms": result.timing.queue_ms,
+            "batch_size": result.timing.batch_size,
+            "batch_requests": result.timing.batch_requests,
+        }
+        if prev_total_ms is not None:
+            timing["prev_total_ms"] = prev_total_ms
+        reply = build_reply(
+            result.outputs, timing, is_batch=parsed.is_batch, model=parsed.model, version=hosted.version
+        )
+        size = sum(v.nbytes for v in result.outputs.values())
+        try:
+            return await self._offload(size, wire.packb, reply)
+        except TypeError as exc:
+            return f"model {parsed.model!r} returned a value that cannot be sent: {exc}"
+
+
+async def serve_until_signalled(
+    config: ServerConfig,
+    *,
+    on_ready: Callable[[int], None] | None = None,
+    on_error: Callable[[str], None] | None = None,
+) -> int:
+    """Run a server until SIGTERM or SIGINT; then drain and return the exit code.
+
+    ``on_ready(port)`` is called once the models are loaded; ``on_error(message)``
+    if they cannot be.
+    """
+    server = ModelServer(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        port = await server.start()
+    except Exception as exc:
+        logger.error("startup failed: %s", exc, exc_info=not isinstance(exc, (ConfigError, ModelLoadError)))
+        if on_error is not None:
+            on_error(f"{type(exc).__name__}: {exc}")
+        await server.drain_and_close(0)
+        return 1
+    if on_ready is not None:
+        on_ready(port)
+    await stop.wait()
+    logger.info("signal received: shutting down")
+    await server.drain_and_close()
+    return 0
+
+
+class ServerThread:
+    """A server on its own event loop in a background thread (tests, embedding).
+
+    >>> with ServerThread(ServerConfig(port=0)) as handle:
+    ...     url = handle.url
+    """
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.server = ModelServer(config)
+        self.port: int | None = None
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="gpu-worker-loop", daemon=True)
+
+    @property
+    def url(self) -> str:
+        return ws_url(self.config.host, self.port)
+
+    def start(self) -> "ServerThread":
+        self._thread.start()
+        self.port = asyncio.run_coroutine_threadsafe(self.server.start(), self._loop).result(timeout=120)
+        return self
+
+    def stop(self, grace_s: float = 5.0) -> None:
+        if self._thread.is_alive():
+            asyncio.run_coroutine_threadsafe(self.server.drain_and_close(grace_s), self._loop).result(timeout=grace_s + 30)
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(10)
+
+    def __enter__(self) -> "ServerThread":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# The whole test suite, from scratch: install, then pytest. Extra arguments go to pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/install.sh
+export OPENPI_CLIENT_PYTHON=${OPENPI_CLIENT_PYTHON:-$PWD/.venv-openpi/bin/python}
+exec .venv/bin/python -m pytest -ra "$@"

@@ -1,0 +1,123 @@
+"""Fixtures: real servers on free ports (port 0), real clients."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import re
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+from gpu_worker.config import ModelConfig, ServerConfig
+from gpu_worker.models.testing import AffineModel
+from gpu_worker.server import ServerThread
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+AFFINE = "gpu_worker.models.testing:AffineModel"
+
+
+def affine(name: str = "affine", **options) -> ModelConfig:
+    return ModelConfig(name=name, target=AFFINE, options=options)
+
+
+@pytest.fixture
+def start_server():
+    """start_server(**config) -> a running in-process ServerThread; stopped after the test."""
+    started: list[ServerThread] = []
+
+    def start(**kwargs) -> ServerThread:
+        kwargs.setdefault("port", 0)
+        handle = ServerThread(ServerConfig(**kwargs)).start()
+        started.append(handle)
+        return handle
+
+    yield start
+    AffineModel.gate.set()  # never leave a gated model blocking shutdown
+    for handle in started:
+        handle.stop(grace_s=2)
+    AffineModel.gate.clear()
+    AffineModel.entered.clear()
+
+
+@pytest.fixture(autouse=True)
+def _reset_gate():
+    AffineModel.gate.clear()
+    AffineModel.entered.clear()
+    yield
+
+
+def http_status(url: str, timeout: float = 5.0) -> int | None:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return response.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+    except (urllib.error.URLError, ConnectionError, TimeoutError):
+        return None
+
+
+class CliServer:
+    """``python -m gpu_worker`` in a subprocess; the port is read from its log."""
+
+    def __init__(self, args: list[str], log_path: pathlib.Path, env: dict | None = None) -> None:
+        self.log_path = log_path
+        self._log = open(log_path, "wb")
+        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "gpu_worker", "--port", "0", *args],
+            stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT, env=full_env,
+        )
+        self.port = self._wait_for_port()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def _wait_for_port(self, timeout: float = 60) -> int:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            match = re.search(r"listening on ws://[^:]+:(\d+)", self.log())
+            if match:
+                return int(match.group(1))
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()}")
+            time.sleep(0.05)
+        raise TimeoutError(f"server did not start listening:\n{self.log()}")
+
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}"
+
+    def wait_healthy(self, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if http_status(f"http://127.0.0.1:{self.port}/healthz") == 200:
+                return
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()}")
+            time.sleep(0.05)
+        raise TimeoutError(f"server never became healthy:\n{self.log()}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        self._log.close()
+
+
+@pytest.fixture
+def cli_server(tmp_path):
+    servers: list[CliServer] = []
+
+    def start(*args: str, env: dict | None = None) -> CliServer:
+        server = CliServer(list(args), tmp_path / f"server{len(servers)}.log", env)
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()
