@@ -26,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     net.add_argument("--host", help="address to bind (default 127.0.0.1; 0.0.0.0 exposes it)")
     net.add_argument("--port", type=int, help="port (default 8000; 0 picks a free one)")
     net.add_argument("--max-message-bytes", type=int, help="largest frame accepted (default 64 MiB)")
+    net.add_argument("--codec-offload-bytes", type=int, help="frames this large are (de)coded off the event loop (default 64 KiB)")
     models = parser.add_argument_group("models")
     models.add_argument(
         "--model",
@@ -36,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument("--device", help="auto (GPU if visible, else CPU), cpu, cuda or cuda:N (default auto)")
     batching = parser.add_argument_group("batching")
     batching.add_argument("--max-batch-size", type=int, help="most rows in one forward pass (default 64)")
-    batching.add_argument("--max-wait-ms", type=float, help="how long a batch may wait to fill (default 1.0)")
+    batching.add_argument("--max-wait-ms", type=float, help="how long an idle model waits for a batch to fill, in ms (default 0: run what is queued at once)")
     batching.add_argument("--max-queue", type=int, help="most rows queued per model before 'overloaded' (default 1024)")
     life = parser.add_argument_group("lifecycle")
     life.add_argument("--shutdown-grace-s", type=float, help="time given to in-flight requests on SIGTERM (default 30)")
@@ -50,7 +51,7 @@ def config_from_args(argv: list[str] | None = None) -> ServerConfig:
     try:
         values = load_config_file(args.config) if args.config else {}
         for field in (
-            "host", "port", "max_message_bytes", "device", "max_batch_size",
+            "host", "port", "max_message_bytes", "codec_offload_bytes", "device", "max_batch_size",
             "max_wait_ms", "max_queue", "shutdown_grace_s", "log_level",
         ):
             value = getattr(args, field)

@@ -56,12 +56,13 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     max_message_bytes: int = 64 * 2**20
+    codec_offload_bytes: int = 64 * 1024  # frames/replies this large are (de)coded off the event loop
     # Models
     models: tuple[ModelConfig, ...] = ()
     device: str = "auto"
     # Batching
     max_batch_size: int = 64
-    max_wait_ms: float = 1.0
+    max_wait_ms: float = 0.0  # 0: an idle model runs whatever is queued at once; batches form while it is busy
     max_queue: int = 1024
     # Lifecycle
     shutdown_grace_s: float = 30.0
@@ -78,6 +79,7 @@ class ServerConfig:
             raise ConfigError("host must be a non-empty address such as 127.0.0.1 or 0.0.0.0")
         _check_int("port", self.port, 0, 65535)
         _check_int("max_message_bytes", self.max_message_bytes, 1024, 2**31)
+        _check_int("codec_offload_bytes", self.codec_offload_bytes, 0, 2**62)
         _check_int("max_batch_size", self.max_batch_size, 1, 1 << 16)
         _check_int("max_queue", self.max_queue, 1, 1 << 24)
         if not isinstance(self.max_wait_ms, (int, float)) or isinstance(self.max_wait_ms, bool) or not 0 <= self.max_wait_ms <= 1000:

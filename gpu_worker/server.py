@@ -33,9 +33,6 @@ from gpu_worker.protocol import ParsedFrame, ProtocolError, build_reply, parse_f
 
 logger = logging.getLogger("gpu_worker")
 
-OFFLOAD_BYTES = 64 * 1024
-"""Frames (and replies) at least this large are (de)coded off the event loop."""
-
 MODEL_PATH_PREFIX = "/models/"
 
 
@@ -212,7 +209,7 @@ class ModelServer:
             await ws.close(1011, "internal server error")
 
     async def _offload(self, size: int, fn, *args):
-        if size < OFFLOAD_BYTES:
+        if size < self.config.codec_offload_bytes:
             return fn(*args)
         return await asyncio.get_running_loop().run_in_executor(self._codec, fn, *args)
 

@@ -1,0 +1,313 @@
+"""Benchmark gpu_worker against a direct in-process call and an openpi-style serial server.
+
+    python bench/bench_gpu_worker.py [--device cpu|cuda] [--duration 3] [--out bench/results/...json]
+
+Measures, in one run so the ratios are side by side:
+
+1. round-trip latency p50/p99 through the server vs a direct in-process call,
+   for a state-only observation (CartPole MLP) and a LIBERO-sized one (two
+   224x224x3 uint8 images + 8 floats + prompt, LiberoTinyPolicy);
+2. throughput at 1, 4, 16, 64 concurrent clients (one connection each,
+   lock-step, all driven by one asyncio loop) for a compute-bound model (ComputeMLP), against the direct
+   in-process batched forward at the same batch size (the limit) and against
+   bench/serial_server.py (inference on the event loop, one request at a time);
+3. head-of-line blocking: the state-only latency of one client while other
+   clients send large explicit batch frames, with large-frame (de)coding off
+   the event loop (the default) and on it.
+
+Servers run in their own processes; the load comes from this one.
+Prints a table and writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import pathlib
+import platform
+import re
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from websockets.asyncio.client import connect  # noqa: E402
+
+from gpu_worker import wire  # noqa: E402
+from gpu_worker.client import ModelClient  # noqa: E402
+from gpu_worker.config import ModelConfig, ServerConfig  # noqa: E402
+from gpu_worker.launch import start_server_process  # noqa: E402
+from gpu_worker.model import load_model  # noqa: E402
+
+CARTPOLE = "cartpole=gpu_worker.models.cartpole:CartPolePolicy"
+LIBERO = "libero_tiny=gpu_worker.models.libero_tiny:LiberoTinyPolicy"
+COMPUTE = "compute=gpu_worker.models.compute_mlp:ComputeMLP"
+
+
+def state_obs() -> dict:
+    return {"observation/state": np.random.default_rng(0).normal(size=4).astype(np.float32)}
+
+
+def libero_obs() -> dict:
+    rng = np.random.default_rng(0)
+    return {
+        "observation/image": rng.integers(0, 256, (224, 224, 3), dtype=np.uint8),
+        "observation/wrist_image": rng.integers(0, 256, (224, 224, 3), dtype=np.uint8),
+        "observation/state": rng.normal(size=8).astype(np.float32),
+        "prompt": "put both the alphabet soup and the tomato sauce in the basket",
+    }
+
+
+def compute_obs() -> dict:
+    return {"observation/state": np.random.default_rng(0).normal(size=64).astype(np.float32)}
+
+
+def pct(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q)) if values else float("nan")
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize()
+
+
+# -- latency ----------------------------------------------------------------
+def server_latency(url: str, obs: dict, n: int, model: str | None = None) -> list[float]:
+    frame = {**obs, "__model__": model} if model else obs
+    with ModelClient(url) as client:
+        for _ in range(max(10, n // 10)):
+            client.infer(frame)
+        times = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            client.infer(frame)
+            times.append((time.perf_counter() - t0) * 1000)
+    return times
+
+
+def direct_latency(policy, obs: dict, n: int) -> list[float]:
+    def call():
+        batch = {k: (np.array([v]) if isinstance(v, str) else np.asarray(v)[None]) for k, v in obs.items()}
+        policy.infer_batch(batch)
+
+    for _ in range(max(10, n // 10)):
+        call()
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        call()
+        times.append((time.perf_counter() - t0) * 1000)
+    return times
+
+
+# -- throughput -------------------------------------------------------------
+def load(url: str, obs: dict, clients: int, duration: float) -> dict:
+    """``clients`` lock-step connections driven by one asyncio loop (cheaper than threads,
+    so the load generator is not what limits the measurement)."""
+    frame = wire.packb(obs)
+
+    async def run() -> dict:
+        connections = [await connect(url, compression=None, max_size=None) for _ in range(clients)]
+        for ws in connections:
+            await ws.recv()  # metadata
+            await ws.send(frame)
+            await ws.recv()  # warm
+        latencies: list[float] = []
+        batch_sizes: list[int] = []
+        stop_at = time.perf_counter() + duration
+
+        async def worker(ws) -> None:
+            while time.perf_counter() < stop_at:
+                t0 = time.perf_counter()
+                await ws.send(frame)
+                reply = wire.unpackb(await ws.recv())
+                latencies.append((time.perf_counter() - t0) * 1000)
+                batch_sizes.append(reply.get("server_timing", {}).get("batch_size", 1))
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker(ws) for ws in connections))
+        elapsed = time.perf_counter() - started
+        for ws in connections:
+            await ws.close()
+        return {
+            "requests_per_s": len(latencies) / elapsed,
+            "p50_ms": pct(latencies, 50),
+            "p99_ms": pct(latencies, 99),
+            "mean_batch": float(np.mean(batch_sizes)) if batch_sizes else 0.0,
+        }
+
+    return asyncio.run(run())
+
+
+def direct_batched(policy, obs: dict, batch: int, duration: float, device: str) -> float:
+    stacked = {k: np.repeat(np.asarray(v)[None], batch, axis=0) for k, v in obs.items()}
+    for _ in range(3):
+        policy.infer_batch(stacked)
+    sync(device)
+    n, started = 0, time.perf_counter()
+    while time.perf_counter() - started < duration:
+        policy.infer_batch(stacked)
+        n += 1
+    sync(device)
+    return n * batch / (time.perf_counter() - started)
+
+
+# -- head-of-line blocking --------------------------------------------------
+def stall(url: str, n: int, senders: int, frame_rows: int) -> dict:
+    """Latency of small requests while ``senders`` clients stream big batch frames."""
+    big = [{**libero_obs(), "__model__": "libero_tiny"} for _ in range(frame_rows)]
+    stop = threading.Event()
+    sent = [0]
+
+    def sender() -> None:
+        with ModelClient(url) as client:
+            while not stop.is_set():
+                client.infer_batch(big)
+                sent[0] += 1
+
+    threads = [threading.Thread(target=sender) for _ in range(senders)]
+    for t in threads:
+        t.start()
+    time.sleep(0.5)
+    times = server_latency(url, state_obs(), n)
+    stop.set()
+    for t in threads:
+        t.join()
+    return {"p50_ms": pct(times, 50), "p99_ms": pct(times, 99), "big_frames": sent[0],
+            "big_frame_mb": round(frame_rows * 2 * 224 * 224 * 3 / 2**20, 2)}
+
+
+def start_serial(model: str) -> tuple[subprocess.Popen, str]:
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "bench" / "serial_server.py"), "--model", model, "--port", "0"],
+        stdout=subprocess.PIPE, text=True,
+    )
+    line = proc.stdout.readline()
+    match = re.search(r":(\d+)$", line.strip())
+    if not match:
+        proc.kill()
+        raise RuntimeError(f"serial server did not start: {line!r}")
+    return proc, f"ws://127.0.0.1:{match.group(1)}"
+
+
+def device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        import torch
+
+        return torch.cuda.get_device_name(0)
+    model = ""
+    try:
+        model = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        model = platform.processor()
+    return f"CPU: {model} ({os.cpu_count()} cores)"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--duration", type=float, default=3.0, help="seconds per throughput point")
+    parser.add_argument("--latency-n", type=int, default=300)
+    parser.add_argument("--clients", default="1,4,16,64")
+    parser.add_argument("--max-wait-ms", type=float, default=None, help="gpu_worker's batching wait (default: its own)")
+    parser.add_argument("--compute-width", type=int, default=1024)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    levels = [int(c) for c in args.clients.split(",")]
+    import torch
+
+    results: dict = {
+        "device": args.device, "device_name": device_name(args.device), "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d"),
+    }
+    wait_opts = {} if args.max_wait_ms is None else {"max_wait_ms": args.max_wait_ms}
+
+    # 1. Latency.
+    server = start_server_process(ServerConfig(port=0, device=args.device, models=(
+        ModelConfig.parse(CARTPOLE), ModelConfig.parse(LIBERO)), **wait_opts))
+    try:
+        rows = {}
+        for label, obs, model in (("state-only", state_obs(), None), ("libero-sized", libero_obs(), "libero_tiny")):
+            target = CARTPOLE if model is None else LIBERO
+            spec = ModelConfig.parse(target)
+            policy = load_model(spec.target, spec.checkpoint, device=args.device)
+            d = direct_latency(policy, obs, args.latency_n)
+            s = server_latency(server.url, obs, args.latency_n, model)
+            rows[label] = {"direct_p50_ms": pct(d, 50), "direct_p99_ms": pct(d, 99),
+                           "server_p50_ms": pct(s, 50), "server_p99_ms": pct(s, 99)}
+        results["latency"] = rows
+    finally:
+        server.stop()
+
+    # 2. Throughput, compute-bound model.
+    compute = ModelConfig(name="compute", target="gpu_worker.models.compute_mlp:ComputeMLP",
+                          options={"width": args.compute_width})
+    policy = load_model(compute.target, None, device=args.device, options=compute.options)
+    results["compute_model"] = {"width": args.compute_width, "depth": 4}
+    throughput = {str(c): {} for c in levels}
+    for c in levels:
+        throughput[str(c)]["direct_batched_rps"] = direct_batched(policy, compute_obs(), c, args.duration, args.device)
+    del policy
+    server = start_server_process(ServerConfig(port=0, device=args.device, models=(compute,), **wait_opts))
+    try:
+        for c in levels:
+            throughput[str(c)]["gpu_worker"] = load(server.url, compute_obs(), c, args.duration)
+    finally:
+        server.stop()
+    serial, serial_url = start_serial(f"compute={compute.target}")
+    try:
+        for c in levels:
+            throughput[str(c)]["serial"] = load(serial_url, compute_obs(), c, args.duration)
+    finally:
+        serial.terminate()
+        serial.wait(10)
+    results["throughput"] = throughput
+
+    # 3. Head-of-line blocking by big frames.
+    hol = {}
+    for label, offload in (("offloaded (default)", 64 * 1024), ("on the event loop", 2**62)):
+        server = start_server_process(ServerConfig(port=0, device=args.device, codec_offload_bytes=offload,
+                                                   models=(ModelConfig.parse(CARTPOLE), ModelConfig.parse(LIBERO))))
+        try:
+            hol[label] = stall(server.url, max(100, args.latency_n // 2), senders=2, frame_rows=16)
+        finally:
+            server.stop()
+    results["head_of_line"] = hol
+
+    print_table(results)
+    out = pathlib.Path(args.out or ROOT / "bench" / "results" / f"gpu_worker_{args.device.split(':')[0]}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"\nwrote {out}")
+    return 0
+
+
+def print_table(r: dict) -> None:
+    print(f"\ngpu_worker benchmark on {r['device_name']} (torch {r['torch']}, {r['torch_threads']} threads)\n")
+    print("Round-trip latency (ms)          direct p50   p99   | server p50   p99")
+    for label, row in r["latency"].items():
+        print(f"  {label:<30} {row['direct_p50_ms']:9.3f} {row['direct_p99_ms']:7.3f} | "
+              f"{row['server_p50_ms']:9.3f} {row['server_p99_ms']:7.3f}")
+    print(f"\nThroughput, ComputeMLP width {r['compute_model']['width']} (requests/s)")
+    print("  clients | direct batched | gpu_worker (mean batch, p50/p99 ms) | serial openpi-style (p50/p99 ms) | gpu_worker/serial")
+    for c, row in r["throughput"].items():
+        g, s = row["gpu_worker"], row["serial"]
+        print(f"  {c:>7} | {row['direct_batched_rps']:14.0f} | {g['requests_per_s']:9.0f} ({g['mean_batch']:5.1f}, "
+              f"{g['p50_ms']:6.2f}/{g['p99_ms']:6.2f}) | {s['requests_per_s']:9.0f} ({s['p50_ms']:6.2f}/{s['p99_ms']:6.2f}) "
+              f"| {g['requests_per_s'] / s['requests_per_s']:5.2f}x")
+    print("\nState-only latency while 2 clients stream 16-observation LIBERO batch frames")
+    for label, row in r["head_of_line"].items():
+        print(f"  {label:<22} p50 {row['p50_ms']:7.2f} ms  p99 {row['p99_ms']:7.2f} ms  "
+              f"({row['big_frames']} frames of {row['big_frame_mb']} MB)")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

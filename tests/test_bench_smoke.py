@@ -1,0 +1,25 @@
+"""The benchmark script still runs end to end (tiny settings; its figures are not checked)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+
+@pytest.mark.slow
+def test_gpu_worker_benchmark_runs_and_writes_json(tmp_path):
+    out = tmp_path / "bench.json"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "bench_gpu_worker.py"), "--duration", "0.3", "--latency-n", "20",
+         "--clients", "1,2", "--compute-width", "128", "--out", str(out)],
+        capture_output=True, text=True, timeout=300, cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Throughput" in result.stdout
+    figures = json.loads(out.read_text())
+    assert set(figures["throughput"]) == {"1", "2"}
+    assert figures["throughput"]["2"]["gpu_worker"]["requests_per_s"] > 0
+    assert set(figures["latency"]) == {"state-only", "libero-sized"}
