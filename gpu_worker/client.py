@@ -29,10 +29,11 @@ class ModelClient:
         open_timeout: float = 10.0,
         timeout: float | None = 60.0,
         max_message_bytes: int | None = 256 * 2**20,
+        close_timeout: float = 2.0,
     ) -> None:
         self.url = url
         self.timeout = timeout
-        options = dict(open_timeout=open_timeout, compression=None, max_size=max_message_bytes)
+        options = dict(open_timeout=open_timeout, close_timeout=close_timeout, compression=None, max_size=max_message_bytes)
         try:
             self._ws = connect(url, legacy=True, **options)  # websockets >= 17: a plain connection object
         except TypeError:

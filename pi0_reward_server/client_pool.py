@@ -1,0 +1,414 @@
+"""A thread-safe pool of connections to openpi-compatible model servers.
+
+Rules it keeps:
+
+* a borrowed connection belongs to one borrower until it is given back; a
+  connection is never used by two threads at once;
+* connections are reused, and ``connections_per_server`` are opened ahead of
+  time; more are opened on demand up to ``max_connections_per_server``;
+* ``acquire`` picks the healthy server with the fewest requests in flight
+  (ties: the one that has served fewest), and raises :class:`PoolTimeout`
+  when nothing frees up in time;
+* a connection that errors or times out is closed and never handed out again,
+  so a late reply can never become someone else's answer; a server whose
+  connection broke is marked down, checked through ``GET /healthz`` and
+  reconnected with bounded exponential backoff by a background thread;
+* :meth:`ClientPool.infer` retries on another server when the first one died,
+  timed out, was overloaded or is shutting down, so a task's result is
+  neither lost nor duplicated; a request the server rejects as bad (or a model
+  exception) is not retried.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+import logging
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import websockets
+
+from gpu_worker.client import ModelClient, ServerError
+from gpu_worker.wire import WireError
+
+logger = logging.getLogger(__name__)
+
+UP, DOWN, CONNECTING = "up", "down", "connecting"
+_RETRYABLE_REPLIES = ("overloaded", "server is shutting down")
+_CONNECTION_ERRORS = (websockets.ConnectionClosed, websockets.InvalidHandshake, OSError, EOFError, WireError)
+
+
+class PoolError(RuntimeError):
+    """Base of the pool's errors."""
+
+
+class PoolTimeout(PoolError):
+    """No connection became available within the acquire timeout."""
+
+
+class InferenceFailed(PoolError):
+    """Every attempt failed on a retryable error; the message holds the last one."""
+
+
+def health_url(ws_url: str) -> str:
+    parsed = urllib.parse.urlparse(ws_url)
+    scheme = "https" if parsed.scheme == "wss" else "http"
+    return f"{scheme}://{parsed.netloc}/healthz"
+
+
+@dataclasses.dataclass(eq=False)
+class _Server:
+    url: str
+    state: str = CONNECTING
+    idle: collections.deque = dataclasses.field(default_factory=collections.deque)
+    busy: int = 0
+    opening: int = 0
+    requests: int = 0
+    errors: int = 0
+    last_error: str | None = None
+    last_error_at: float | None = None
+    latencies_ms: collections.deque = dataclasses.field(default_factory=lambda: collections.deque(maxlen=2048))
+    backoff_s: float = 0.0
+    next_check: float = 0.0
+    last_healthy_check: float = 0.0
+
+    @property
+    def load(self) -> int:
+        return self.busy + self.opening
+
+    @property
+    def connections(self) -> int:
+        return self.busy + self.opening + len(self.idle)
+
+
+class ClientPool:
+    def __init__(
+        self,
+        urls: list[str] | tuple[str, ...],
+        *,
+        connections_per_server: int = 2,
+        max_connections_per_server: int = 64,
+        acquire_timeout_s: float = 60.0,
+        request_timeout_s: float = 120.0,
+        connect_timeout_s: float = 5.0,
+        health_interval_s: float = 2.0,
+        backoff_initial_s: float = 0.5,
+        backoff_max_s: float = 30.0,
+        retries: int = 2,
+        client_factory: Callable[..., ModelClient] = ModelClient,
+    ) -> None:
+        if not urls:
+            raise ValueError("a ClientPool needs at least one model server URL")
+        if len(set(urls)) != len(urls):
+            raise ValueError(f"model server URLs must be distinct, got {list(urls)}")
+        self._servers = [_Server(url) for url in urls]
+        self.connections_per_server = connections_per_server
+        self.max_connections_per_server = max_connections_per_server
+        self.acquire_timeout_s = acquire_timeout_s
+        self.request_timeout_s = request_timeout_s
+        self.connect_timeout_s = connect_timeout_s
+        self.health_interval_s = health_interval_s
+        self.backoff_initial_s = backoff_initial_s
+        self.backoff_max_s = backoff_max_s
+        self.retries = retries
+        self._client_factory = client_factory
+        self._cond = threading.Condition()
+        self._closed = False
+        self._wake = threading.Event()
+        self._thread = threading.Thread(target=self._maintain, name="client-pool-health", daemon=True)
+
+    # -- lifecycle --------------------------------------------------------
+    def start(self, wait_s: float | None = None) -> "ClientPool":
+        """Start the health thread; with ``wait_s``, wait until a server is up (or the time passes)."""
+        self._thread.start()
+        if wait_s:
+            self.wait_for_servers(1, wait_s)
+        return self
+
+    def wait_for_servers(self, count: int, timeout_s: float) -> bool:
+        deadline = time.monotonic() + timeout_s
+        with self._cond:
+            while sum(s.state == UP for s in self._servers) < count:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._cond.wait(remaining)
+        return True
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            to_close = [c for s in self._servers for c in s.idle]
+            for s in self._servers:
+                s.idle.clear()
+            self._cond.notify_all()
+        self._wake.set()
+        for conn in to_close:
+            _quiet_close(conn)
+        if self._thread.is_alive():
+            self._thread.join(5)
+
+    def __enter__(self) -> "ClientPool":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def healthy_servers(self) -> int:
+        with self._cond:
+            return sum(s.state == UP for s in self._servers)
+
+    # -- borrowing --------------------------------------------------------
+    def _pick(self, exclude: set[_Server]) -> _Server | None:
+        up = [s for s in self._servers if s.state == UP]
+        preferred = [s for s in up if s not in exclude] or up
+        usable = [s for s in preferred if s.idle or s.connections < self.max_connections_per_server]
+        if not usable:
+            return None
+        return min(usable, key=lambda s: (s.load, s.requests))
+
+    def _acquire(self, timeout_s: float | None, exclude: set[_Server]) -> tuple[_Server, ModelClient]:
+        timeout_s = self.acquire_timeout_s if timeout_s is None else timeout_s
+        deadline = time.monotonic() + timeout_s
+        while True:
+            with self._cond:
+                while True:
+                    if self._closed:
+                        raise PoolError("the client pool is closed")
+                    server = self._pick(exclude)
+                    if server is not None:
+                        break
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        raise PoolTimeout(
+                            f"no model server connection became free within {timeout_s:g}s; servers: "
+                            + ", ".join(f"{s.url} {s.state} ({s.busy} busy)" for s in self._servers)
+                        )
+                    self._cond.wait(remaining)
+                if server.idle:
+                    server.busy += 1
+                    return server, server.idle.pop()
+                server.opening += 1
+            try:  # open a new connection outside the lock
+                conn = self._client_factory(server.url, open_timeout=self.connect_timeout_s, timeout=self.request_timeout_s)
+            except Exception as exc:  # noqa: BLE001 - any failure to connect marks the server down
+                with self._cond:
+                    server.opening -= 1
+                self._mark_down(server, f"connect failed: {type(exc).__name__}: {exc}")
+                continue
+            with self._cond:
+                server.opening -= 1
+                server.busy += 1
+            return server, conn
+
+    def _release(self, server: _Server, conn: ModelClient, *, keep: bool) -> None:
+        with self._cond:
+            server.busy -= 1
+            if keep and server.state == UP and not self._closed:
+                server.idle.append(conn)
+                conn = None
+            self._cond.notify()
+        if conn is not None:
+            _quiet_close(conn)
+
+    @contextlib.contextmanager
+    def connection(self, timeout_s: float | None = None) -> Iterator[tuple[str, ModelClient]]:
+        """Borrow ``(server_url, client)`` for exclusive use. An exception inside
+        the block discards the connection instead of returning it."""
+        server, conn = self._acquire(timeout_s, set())
+        try:
+            yield server.url, conn
+        except BaseException as exc:
+            self._release(server, conn, keep=False)
+            if isinstance(exc, _CONNECTION_ERRORS):
+                self._mark_down(server, f"{type(exc).__name__}: {exc}")
+            raise
+        self._release(server, conn, keep=True)
+
+    # -- inference with retry ---------------------------------------------
+    def infer(self, obs: dict[str, Any]) -> tuple[dict[str, Any], str]:
+        """One observation -> (action map, URL of the server that answered)."""
+        return self._call(lambda conn: conn.infer(obs))
+
+    def infer_batch(self, observations: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], str]:
+        """An explicit batch frame -> (list of action maps, URL of the server that answered)."""
+        return self._call(lambda conn: conn.infer_batch(observations))
+
+    def _call(self, fn: Callable[[ModelClient], Any]) -> tuple[Any, str]:
+        tried: set[_Server] = set()
+        last_error = "no attempt made"
+        for attempt in range(self.retries + 1):
+            server, conn = self._acquire(None, tried)
+            started = time.monotonic()
+            try:
+                result = fn(conn)
+            except ServerError as exc:
+                message = str(exc)
+                keep = _keeps_connection_after_error(conn)
+                self._release(server, conn, keep=keep)
+                self._record_error(server, message)
+                if not message.startswith(_RETRYABLE_REPLIES):
+                    raise
+                tried.add(server)
+                last_error = f"{server.url}: {message}"
+                time.sleep(min(0.05 * 2**attempt, 1.0))  # back off before asking again
+                continue
+            except TimeoutError as exc:
+                # The server may still answer later: this connection must never be reused.
+                self._release(server, conn, keep=False)
+                self._record_error(server, f"no reply within {self.request_timeout_s:g}s")
+                tried.add(server)
+                last_error = f"{server.url}: timed out after {self.request_timeout_s:g}s ({exc})"
+                continue
+            except _CONNECTION_ERRORS as exc:
+                self._release(server, conn, keep=False)
+                self._mark_down(server, f"{type(exc).__name__}: {exc}")
+                tried.add(server)
+                last_error = f"{server.url}: {type(exc).__name__}: {exc}"
+                continue
+            with self._cond:
+                server.requests += 1
+                server.latencies_ms.append((time.monotonic() - started) * 1000)
+            self._release(server, conn, keep=True)
+            return result, server.url
+        raise InferenceFailed(f"inference failed after {self.retries + 1} attempt(s); last error: {last_error}")
+
+    # -- health -----------------------------------------------------------
+    def _record_error(self, server: _Server, message: str) -> None:
+        with self._cond:
+            server.errors += 1
+            server.last_error = message
+            server.last_error_at = time.time()
+
+    def _mark_down(self, server: _Server, message: str) -> None:
+        with self._cond:
+            server.errors += 1
+            server.last_error = message
+            server.last_error_at = time.time()
+            to_close = list(server.idle)
+            server.idle.clear()
+            if server.state != DOWN:
+                logger.warning("model server %s is down: %s", server.url, message)
+                server.state = DOWN
+                server.backoff_s = self.backoff_initial_s
+                server.next_check = time.monotonic()  # check it right away
+            self._cond.notify_all()
+        self._wake.set()
+        for conn in to_close:
+            _quiet_close(conn)
+
+    def _healthy(self, url: str) -> bool:
+        try:
+            with urllib.request.urlopen(health_url(url), timeout=self.connect_timeout_s) as response:
+                return response.status == 200
+        except urllib.error.HTTPError as exc:
+            # A WebSocket-only server with no /healthz answers 426 Upgrade Required: it is alive.
+            return exc.code == 426
+        except (urllib.error.URLError, OSError, ValueError):
+            return False
+
+    def _try_bring_up(self, server: _Server) -> None:
+        error = "GET /healthz did not answer 200"
+        opened: list[ModelClient] = []
+        if self._healthy(server.url):
+            for _ in range(max(1, self.connections_per_server)):
+                try:
+                    opened.append(self._client_factory(
+                        server.url, open_timeout=self.connect_timeout_s, timeout=self.request_timeout_s))
+                except Exception as exc:  # noqa: BLE001
+                    error = f"connect failed: {type(exc).__name__}: {exc}"
+                    break
+        with self._cond:
+            if opened and not self._closed:
+                was = server.state
+                server.state = UP
+                server.backoff_s = 0.0
+                server.last_healthy_check = time.monotonic()
+                server.idle.extend(opened)
+                opened = []
+                self._cond.notify_all()
+                if was == DOWN:
+                    logger.info("model server %s is back up", server.url)
+            else:
+                server.state = DOWN
+                server.last_error = error
+                server.backoff_s = min(max(server.backoff_s * 2, self.backoff_initial_s), self.backoff_max_s)
+                server.next_check = time.monotonic() + server.backoff_s
+        for conn in opened:
+            _quiet_close(conn)
+
+    def _maintain(self) -> None:
+        while not self._closed:
+            now = time.monotonic()
+            for server in list(self._servers):
+                if self._closed:
+                    return
+                if server.state != UP and now >= server.next_check:
+                    self._try_bring_up(server)
+                elif server.state == UP and now - server.last_healthy_check >= self.health_interval_s:
+                    if self._healthy(server.url):
+                        server.last_healthy_check = time.monotonic()
+                    else:
+                        self._mark_down(server, "GET /healthz failed")
+            self._wake.wait(0.05)
+            self._wake.clear()
+
+    # -- status -----------------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        """What /pool_status shows: each server's state, load, counters, latency; and totals."""
+        with self._cond:
+            servers = []
+            for s in self._servers:
+                latencies = list(s.latencies_ms)
+                servers.append({
+                    "url": s.url,
+                    "state": s.state,
+                    "in_flight": s.busy,
+                    "idle_connections": len(s.idle),
+                    "busy_connections": s.busy,
+                    "requests": s.requests,
+                    "errors": s.errors,
+                    "last_error": s.last_error,
+                    "last_error_at": s.last_error_at,
+                    "latency_ms": {
+                        "p50": round(float(np.percentile(latencies, 50)), 3) if latencies else None,
+                        "p99": round(float(np.percentile(latencies, 99)), 3) if latencies else None,
+                    },
+                    "retry_in_s": round(max(0.0, s.next_check - time.monotonic()), 2) if s.state == DOWN else None,
+                })
+        return {
+            "servers": servers,
+            "totals": {
+                "servers": len(servers),
+                "up": sum(s["state"] == UP for s in servers),
+                "in_flight": sum(s["in_flight"] for s in servers),
+                "requests": sum(s["requests"] for s in servers),
+                "errors": sum(s["errors"] for s in servers),
+            },
+        }
+
+
+def _keeps_connection_after_error(conn: ModelClient) -> bool:
+    """gpu_worker keeps a connection usable after an error reply; openpi's server closes it."""
+    server = conn.metadata.get("server") if isinstance(conn.metadata, dict) else None
+    return isinstance(server, dict) and server.get("name") == "gpu_worker"
+
+
+def _quiet_close(conn: ModelClient) -> None:
+    """Close without blocking the caller: a hung server would stall the closing handshake."""
+
+    def close() -> None:
+        try:
+            conn.close()
+        except Exception:  # noqa: BLE001 - closing a broken connection may fail; it is gone either way
+            pass
+
+    threading.Thread(target=close, name="close-connection", daemon=True).start()

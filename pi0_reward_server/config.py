@@ -1,0 +1,160 @@
+"""The reward app's configuration: defaults -> file -> environment -> overrides.
+
+Every field can be set in a TOML/JSON file (``REWARD_CONFIG=path``), by an
+environment variable ``REWARD_<FIELD>`` (upper case), or by the mapping given
+to ``create_app(config)``. Two shorthands name the model servers:
+``MODEL_SERVERS="ws://host:8000,ws://other:8001"`` and
+``GPU_PORTS="8000,8001"`` (on ``MODEL_HOST``, default 127.0.0.1). The bearer
+token comes from ``REWARD_SERVER_TOKEN``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+import tomllib
+import urllib.parse
+from typing import Any, Mapping
+
+
+class ConfigError(ValueError):
+    """A configuration value a user must fix; the message names it."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class AppConfig:
+    # Model servers
+    model_servers: tuple[str, ...] = ("ws://127.0.0.1:8000",)
+    connections_per_server: int = 2  # opened ahead of time
+    max_connections_per_server: int = 64
+    acquire_timeout_s: float = 60.0
+    request_timeout_s: float = 120.0
+    connect_timeout_s: float = 5.0
+    health_interval_s: float = 2.0
+    backoff_initial_s: float = 0.5
+    backoff_max_s: float = 30.0
+    retries: int = 2  # extra attempts, on other servers where possible
+    # Scoring
+    max_workers_cap: int = 32
+    max_responses: int = 1024
+    max_episodes_per_task: int = 1000
+    max_steps_per_episode: int = 100_000
+    failure_score: float = 0.0
+    default_episodes: int = 10
+    default_seed: int = 0
+    # HTTP
+    token: str | None = None
+    max_body_bytes: int = 8 * 2**20
+    log_level: str = "INFO"
+
+    def __post_init__(self) -> None:
+        servers = self.model_servers
+        if isinstance(servers, str):
+            servers = tuple(s.strip() for s in servers.split(",") if s.strip())
+        object.__setattr__(self, "model_servers", tuple(servers))
+        if not self.model_servers:
+            raise ConfigError("model_servers is empty: set MODEL_SERVERS or GPU_PORTS to at least one model server")
+        for url in self.model_servers:
+            parsed = urllib.parse.urlparse(url)
+            if parsed.scheme not in ("ws", "wss") or not parsed.hostname or not parsed.port:
+                raise ConfigError(f"model server {url!r} must look like ws://host:port")
+        for name, low, high in (
+            ("connections_per_server", 0, 1024),
+            ("max_connections_per_server", 1, 4096),
+            ("retries", 0, 10),
+            ("max_workers_cap", 1, 4096),
+            ("max_responses", 1, 1_000_000),
+            ("max_episodes_per_task", 1, 1_000_000),
+            ("max_steps_per_episode", 1, 100_000_000),
+            ("default_episodes", 1, 1_000_000),
+            ("default_seed", 0, 2**31 - 1),
+            ("max_body_bytes", 1024, 2**31),
+        ):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+                raise ConfigError(f"{name} must be an integer between {low} and {high}, got {value!r}")
+        if self.connections_per_server > self.max_connections_per_server:
+            raise ConfigError("connections_per_server cannot exceed max_connections_per_server")
+        for name in ("acquire_timeout_s", "request_timeout_s", "connect_timeout_s", "health_interval_s",
+                     "backoff_initial_s", "backoff_max_s"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(f"{name} must be a positive number of seconds, got {value!r}")
+        if not isinstance(self.failure_score, (int, float)) or isinstance(self.failure_score, bool):
+            raise ConfigError(f"failure_score must be a number, got {self.failure_score!r}")
+        if self.token is not None and (not isinstance(self.token, str) or len(self.token) < 8):
+            raise ConfigError("token must be a string of at least 8 characters (or unset)")
+        if str(self.log_level).upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+            raise ConfigError(f"log_level {self.log_level!r} must be DEBUG, INFO, WARNING or ERROR")
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(AppConfig)}
+
+
+def _coerce(name: str, text: str) -> Any:
+    """An environment string to the field's type."""
+    default = FIELDS[name].default
+    if name == "model_servers":
+        return text
+    if name == "token":
+        return text or None
+    if isinstance(default, bool):
+        return text.lower() in ("1", "true", "yes")
+    try:
+        if isinstance(default, int):
+            return int(text)
+        if isinstance(default, float):
+            return float(text)
+    except ValueError:
+        raise ConfigError(f"environment variable REWARD_{name.upper()}={text!r} is not a number") from None
+    return text
+
+
+def from_file(path: str | pathlib.Path) -> dict[str, Any]:
+    path = pathlib.Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {str(path)!r}: {exc.strerror}") from exc
+    try:
+        data = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
+    except (ValueError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"config file {str(path)!r} is not valid: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(path)!r} must hold a table at the top level")
+    return data
+
+
+def from_env(environ: Mapping[str, str]) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    for name in FIELDS:
+        key = f"REWARD_{name.upper()}"
+        if key in environ:
+            values[name] = _coerce(name, environ[key])
+    if environ.get("GPU_PORTS"):
+        host = environ.get("MODEL_HOST", "127.0.0.1")
+        ports = [p.strip() for p in environ["GPU_PORTS"].split(",") if p.strip()]
+        if not all(p.isdigit() for p in ports):
+            raise ConfigError(f"GPU_PORTS={environ['GPU_PORTS']!r} must be a comma-separated list of ports")
+        values["model_servers"] = tuple(f"ws://{host}:{p}" for p in ports)
+    if environ.get("MODEL_SERVERS"):
+        values["model_servers"] = environ["MODEL_SERVERS"]
+    if "REWARD_SERVER_TOKEN" in environ:
+        values["token"] = environ["REWARD_SERVER_TOKEN"] or None
+    return values
+
+
+def load_config(overrides: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None) -> AppConfig:
+    """Defaults, then ``REWARD_CONFIG`` (a file), then the environment, then ``overrides``."""
+    environ = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    if environ.get("REWARD_CONFIG"):
+        values.update(from_file(environ["REWARD_CONFIG"]))
+    values.update(from_env(environ))
+    values.update(overrides or {})
+    unknown = sorted(set(values) - set(FIELDS))
+    if unknown:
+        raise ConfigError(f"unknown reward app option(s) {unknown}; known: {sorted(FIELDS)}")
+    return AppConfig(**values)

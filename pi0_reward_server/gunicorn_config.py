@@ -1,0 +1,36 @@
+"""gunicorn settings for the reward app; every one can be overridden by environment.
+
+    gunicorn -c pi0_reward_server/gunicorn_config.py 'pi0_reward_server.app:create_app()'
+
+* ``preload_app = False``: each worker imports the app and builds its own
+  client pool (connections, health thread) after the fork; nothing that holds
+  sockets, threads or CUDA state is created in the master.
+* gthread workers: ``/score`` waits on model servers; threads let one worker
+  serve ``/health`` and ``/pool_status`` while scoring.
+* A long timeout (1800 s): a ``/score`` of many long rollouts is legitimately slow.
+"""
+
+import os
+
+
+def _int(name: str, default: int) -> int:
+    value = os.environ.get(name, "")
+    if not value:
+        return default
+    if not value.isdigit() or int(value) < 1:
+        raise SystemExit(f"{name}={value!r} must be a positive integer")
+    return int(value)
+
+
+bind = os.environ.get("GUNICORN_BIND", "0.0.0.0:6006")
+worker_class = "gthread"
+workers = _int("GUNICORN_WORKERS", 1)
+threads = _int("GUNICORN_THREADS", 16)
+timeout = _int("GUNICORN_TIMEOUT", 1800)
+graceful_timeout = _int("GUNICORN_GRACEFUL_TIMEOUT", 120)
+keepalive = _int("GUNICORN_KEEPALIVE", 5)
+preload_app = False
+accesslog = os.environ.get("GUNICORN_ACCESSLOG", "-")
+errorlog = os.environ.get("GUNICORN_ERRORLOG", "-")
+loglevel = os.environ.get("GUNICORN_LOGLEVEL", "info")
+pidfile = os.environ.get("GUNICORN_PIDFILE") or None

@@ -1,0 +1,157 @@
+"""Running tasks: the gymnasium rollout backend and the fan-out over a thread pool.
+
+The policy a rollout talks to is anything with
+``infer_batch(observations) -> (actions, server_url)``: :class:`PoolPolicy`
+(the model servers, through the client pool) or :class:`LocalPolicy` (a model
+in this process, for tests and baselines). The same seeded task gives the
+same result through either.
+
+Observation sent to the policy, per episode and step:
+``observation/state`` = the env observation flattened to float32
+(``gymnasium.spaces.flatten``: one-hot for a Discrete space), plus ``prompt``
+when the task has one. Action expected back: ``actions``, an integer for a
+Discrete action space, otherwise an array reshaped to the action space's
+shape and clipped to its bounds. All episodes of a task step together: one
+explicit batch frame per step.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import logging
+import time
+from typing import Any, Callable, Mapping, Protocol
+
+import numpy as np
+
+from pi0_reward_server.tasks import RolloutTask
+
+logger = logging.getLogger(__name__)
+
+
+class BatchPolicy(Protocol):
+    def infer_batch(self, observations: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], str]: ...
+
+
+@dataclasses.dataclass
+class TaskResult:
+    score: float
+    episodes: int = 0
+    successes: int | None = None
+    mean_return: float | None = None
+    steps: int = 0
+    servers: list[str] = dataclasses.field(default_factory=list)
+    seconds: float = 0.0
+    error: str | None = None
+    task: dict[str, Any] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class PoolPolicy:
+    """Reach the policy through a :class:`~pi0_reward_server.client_pool.ClientPool`."""
+
+    def __init__(self, pool, model: str | None = None) -> None:
+        self.pool = pool
+        self.model = model
+
+    def infer_batch(self, observations: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], str]:
+        if self.model is not None:
+            observations = [{**obs, "__model__": self.model} for obs in observations]
+        return self.pool.infer_batch(observations)
+
+
+class LocalPolicy:
+    """A hosted-model stand-in running in this process, with the server's validation."""
+
+    def __init__(self, models: Mapping[str, Any], default: str, model: str | None = None) -> None:
+        self.models = dict(models)
+        self.model = model or default
+
+    def infer_batch(self, observations: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], str]:
+        from gpu_worker.protocol import parse_frame
+
+        specs = {name: m.input_spec for name, m in self.models.items()}
+        parsed = parse_frame(observations, specs=specs, default_model=self.model, max_rows=len(observations) + 1)
+        outputs = self.models[parsed.model].infer_batch(parsed.inputs)
+        return [{k: v[i] for k, v in outputs.items()} for i in range(parsed.rows)], "in-process"
+
+
+def run_gym_task(task: RolloutTask, policy: BatchPolicy) -> TaskResult:
+    import gymnasium as gym
+
+    started = time.monotonic()
+    kwargs = {"max_episode_steps": task.max_steps} if task.max_steps else {}
+    envs = [gym.make(task.env, **kwargs) for _ in range(task.episodes)]
+    try:
+        obs_space, act_space = envs[0].observation_space, envs[0].action_space
+        discrete = isinstance(act_space, gym.spaces.Discrete)
+        obs = [env.reset(seed=task.seed + i)[0] for i, env in enumerate(envs)]
+        returns = [0.0] * task.episodes
+        live = list(range(task.episodes))
+        steps = 0
+        servers: set[str] = set()
+        while live:
+            frames = []
+            for i in live:
+                frame: dict[str, Any] = {"observation/state": gym.spaces.flatten(obs_space, obs[i]).astype(np.float32)}
+                if task.prompt is not None:
+                    frame["prompt"] = task.prompt
+                frames.append(frame)
+            actions, server = policy.infer_batch(frames)
+            servers.add(server)
+            still = []
+            for i, reply in zip(live, actions):
+                raw = reply["actions"]
+                if discrete:
+                    action: Any = int(np.asarray(raw).reshape(-1)[0])
+                else:
+                    action = np.clip(np.asarray(raw, dtype=act_space.dtype).reshape(act_space.shape), act_space.low, act_space.high)
+                obs[i], reward, terminated, truncated, _ = envs[i].step(action)
+                returns[i] += float(reward)
+                steps += 1
+                if not (terminated or truncated):
+                    still.append(i)
+            live = still
+    finally:
+        for env in envs:
+            env.close()
+    mean_return = float(np.mean(returns))
+    if task.success_threshold is not None:
+        successes = sum(r >= task.success_threshold for r in returns)
+        score = successes / task.episodes
+    else:
+        low, high = task.return_range  # parse_task guarantees one of the two
+        successes = None
+        score = float(np.clip((mean_return - low) / (high - low), 0.0, 1.0))
+    return TaskResult(
+        score=score, episodes=task.episodes, successes=successes, mean_return=mean_return, steps=steps,
+        servers=sorted(servers), seconds=time.monotonic() - started, task=task.describe(),
+    )
+
+
+BACKENDS: dict[str, Callable[[RolloutTask, BatchPolicy], TaskResult]] = {"gym": run_gym_task}
+
+
+def run_task(task: RolloutTask, policy: BatchPolicy, failure_score: float) -> TaskResult:
+    """Run one task; any failure becomes a result with ``failure_score`` and the error."""
+    started = time.monotonic()
+    try:
+        return BACKENDS[task.backend](task, policy)
+    except Exception as exc:  # noqa: BLE001 - every task gets exactly one result
+        logger.warning("task %s failed: %s: %s", task.name, type(exc).__name__, exc)
+        return TaskResult(
+            score=failure_score, seconds=time.monotonic() - started, error=f"{type(exc).__name__}: {exc}",
+            task=task.describe(),
+        )
+
+
+def run_tasks(
+    tasks: list[RolloutTask], policy_for: Callable[[RolloutTask], BatchPolicy], *, max_workers: int, failure_score: float
+) -> list[TaskResult]:
+    """Fan the tasks out over ``max_workers`` threads; results in task order."""
+    with concurrent.futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="score") as executor:
+        futures = [executor.submit(run_task, task, policy_for(task), failure_score) for task in tasks]
+        return [future.result() for future in futures]

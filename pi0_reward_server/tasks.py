@@ -1,0 +1,171 @@
+"""What a response can ask for: parsing and validating rollout task specs.
+
+A response is either a task reference (a name from :data:`REGISTRY`, or
+``gym:<EnvId>`` for any registered gymnasium environment) or an object::
+
+    {"task": "cartpole" | "gym:<EnvId>", "episodes": 10, "seed": 0,
+     "max_steps": 500, "model": "cartpole", "success_threshold": 475.0,
+     "return_range": [lo, hi], "prompt": "..."}
+
+Fields not given come from ``reward_function_kwargs``, then the registry entry,
+then the defaults. The score of a task is its success rate when it has a
+``success_threshold`` (an episode succeeds when its return reaches it; without
+``return_range`` it defaults to the environment's own ``reward_threshold``);
+otherwise it must give ``return_range`` and scores
+``clip((mean_return - lo) / (hi - lo), 0, 1)``.
+
+Nothing in a request imports code: environment ids must already be in
+gymnasium's registry, and ``module:Env`` ids are refused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Mapping
+
+TASK_FIELDS = ("task", "env", "episodes", "seed", "max_steps", "model", "success_threshold", "return_range", "prompt")
+KWARG_FIELDS = tuple(f for f in TASK_FIELDS if f not in ("env",)) + ("max_workers",)
+
+REGISTRY: dict[str, dict[str, Any]] = {
+    # The embedded default: the shipped CartPole MLP holds the pole for the full 500 steps.
+    "cartpole": {"env": "CartPole-v1", "success_threshold": 475.0},
+    # A short variant for quick checks and benchmarks: success is holding 100 steps.
+    "cartpole_short": {"env": "CartPole-v1", "max_steps": 100, "success_threshold": 100.0},
+}
+
+
+class TaskError(ValueError):
+    """A response or kwarg that cannot be turned into a task; ``field`` names where."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+@dataclasses.dataclass(frozen=True)
+class RolloutTask:
+    name: str  # what the response called it
+    env: str  # gymnasium env id
+    episodes: int
+    seed: int
+    max_steps: int | None  # per episode; None keeps the env's own limit
+    model: str | None  # hosted model name; None: each server's default
+    success_threshold: float | None
+    return_range: tuple[float, float] | None
+    prompt: str | None
+    backend: str = "gym"
+
+    def describe(self) -> dict[str, Any]:
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    max_episodes: int = 1000
+    max_steps: int = 100_000
+    default_episodes: int = 10
+    default_seed: int = 0
+
+
+def _int(field: str, value: Any, low: int, high: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise TaskError(field, f"must be an integer between {low} and {high}, got {value!r}")
+    return value
+
+
+def _number(field: str, value: Any) -> float:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        raise TaskError(field, f"must be a finite number, got {value!r}")
+    return float(value)
+
+
+def _gym_env_id(field: str, env: Any) -> str:
+    if not isinstance(env, str) or not env:
+        raise TaskError(field, f"must be a gymnasium env id string, got {env!r}")
+    env_id = env[4:] if env.startswith("gym:") else env
+    if ":" in env_id:
+        raise TaskError(field, f"env id {env_id!r} names a module to import; only registered env ids are allowed")
+    import gymnasium
+
+    if env_id not in gymnasium.envs.registry:
+        raise TaskError(field, f"unknown gymnasium env {env_id!r} (not in gymnasium's registry)")
+    return env_id
+
+
+def validate_kwargs(kwargs: Any, limits: Limits) -> dict[str, Any]:
+    """``reward_function_kwargs``: defaults for every task, plus ``max_workers``."""
+    if kwargs is None:
+        return {}
+    if not isinstance(kwargs, Mapping):
+        raise TaskError("reward_function_kwargs", f"must be an object, got {type(kwargs).__name__}")
+    unknown = sorted(set(kwargs) - set(KWARG_FIELDS))
+    if unknown:
+        raise TaskError("reward_function_kwargs", f"unknown field(s) {unknown}; known: {sorted(KWARG_FIELDS)}")
+    return dict(kwargs)
+
+
+def parse_task(index: int, response: Any, defaults: Mapping[str, Any], limits: Limits) -> RolloutTask:
+    """One response -> a validated :class:`RolloutTask`."""
+    where = f"responses[{index}]"
+    if isinstance(response, str):
+        fields: dict[str, Any] = {"task": response}
+    elif isinstance(response, Mapping):
+        unknown = sorted(set(response) - set(TASK_FIELDS))
+        if unknown:
+            raise TaskError(where, f"unknown field(s) {unknown}; known: {list(TASK_FIELDS)}")
+        fields = dict(response)
+    else:
+        raise TaskError(where, f"must be a task name or an object, got {type(response).__name__}")
+
+    reference = fields.get("task", fields.get("env", defaults.get("task")))
+    if reference is None:
+        raise TaskError(where, "names no task: give 'task' (a registry name or 'gym:<EnvId>') or 'env'")
+    if not isinstance(reference, str):
+        raise TaskError(f"{where}.task", f"must be a string, got {type(reference).__name__}")
+    if reference in REGISTRY:
+        base = dict(REGISTRY[reference])
+    elif reference.startswith("gym:") or "env" in fields:
+        base = {"env": fields.get("env", reference)}
+    else:
+        raise TaskError(where, f"unknown task {reference!r}; known: {sorted(REGISTRY)} or 'gym:<EnvId>'")
+
+    merged = {**base, **{k: v for k, v in defaults.items() if k not in ("task", "max_workers")}}
+    merged.update({k: v for k, v in fields.items() if k != "task"})
+    env = _gym_env_id(f"{where}.env", merged["env"])
+
+    episodes = _int(f"{where}.episodes", merged.get("episodes", limits.default_episodes), 1, limits.max_episodes)
+    seed = _int(f"{where}.seed", merged.get("seed", limits.default_seed), 0, 2**31 - 1)
+    max_steps = merged.get("max_steps")
+    if max_steps is not None:
+        max_steps = _int(f"{where}.max_steps", max_steps, 1, limits.max_steps)
+    model = merged.get("model")
+    if model is not None and (not isinstance(model, str) or not 0 < len(model) <= 64):
+        raise TaskError(f"{where}.model", f"must be a hosted model's name, got {model!r}")
+    prompt = merged.get("prompt")
+    if prompt is not None and (not isinstance(prompt, str) or len(prompt) > 10_000):
+        raise TaskError(f"{where}.prompt", "must be a string of at most 10000 characters")
+
+    threshold = merged.get("success_threshold")
+    if threshold is not None:
+        threshold = _number(f"{where}.success_threshold", threshold)
+    return_range = merged.get("return_range")
+    if return_range is not None:
+        if not isinstance(return_range, (list, tuple)) or len(return_range) != 2:
+            raise TaskError(f"{where}.return_range", f"must be [low, high], got {return_range!r}")
+        low, high = (_number(f"{where}.return_range", v) for v in return_range)
+        if not low < high:
+            raise TaskError(f"{where}.return_range", f"low must be below high, got {return_range!r}")
+        return_range = (low, high)
+    if threshold is None and return_range is None:
+        import gymnasium
+
+        threshold = gymnasium.envs.registry[env].reward_threshold
+        if threshold is None:
+            raise TaskError(where, f"env {env!r} defines no reward_threshold: give success_threshold or return_range")
+        threshold = float(threshold)
+    return RolloutTask(
+        name=reference, env=env, episodes=episodes, seed=seed, max_steps=max_steps, model=model,
+        success_threshold=threshold,
+        return_range=return_range, prompt=prompt,
+    )
