@@ -34,3 +34,6 @@ accesslog = os.environ.get("GUNICORN_ACCESSLOG", "-")
 errorlog = os.environ.get("GUNICORN_ERRORLOG", "-")
 loglevel = os.environ.get("GUNICORN_LOGLEVEL", "info")
 pidfile = os.environ.get("GUNICORN_PIDFILE") or None
+# gunicorn >= 23 opens a control socket at one fixed path per user; two apps on one box
+# would fight over it, and nothing here uses it.
+control_socket_disable = os.environ.get("GUNICORN_CONTROL_SOCKET", "0") != "1"
