@@ -125,6 +125,7 @@ class DynamicBatcher:
         self._cond = threading.Condition()
         self._stopping = False
         self._busy = False
+        self._current: list[Request] = []
         self._thread = threading.Thread(target=self._run, name=f"batcher-{name}", daemon=True)
         # Counters for metrics and status.
         self.batches = 0
@@ -161,6 +162,22 @@ class DynamicBatcher:
     def busy(self) -> bool:
         return self._busy
 
+    def abandon(self, reason: str) -> int:
+        """Stop taking work and fail every queued and running request with ``reason``.
+
+        For a shutdown whose grace period is over: a model that hangs must not
+        keep its callers (or the process) waiting. Returns how many were failed.
+        """
+        with self._cond:
+            self._stopping = True
+            pending = list(self._queue) + list(self._current)
+            self._queue.clear()
+            self._queued_rows = 0
+            self._cond.notify_all()
+        for request in pending:
+            _settle(request.future, exception=ShuttingDown(reason))
+        return len(pending)
+
     def stop(self, timeout: float | None = None) -> None:
         """Finish what is queued, then end the thread."""
         with self._cond:
@@ -185,10 +202,13 @@ class DynamicBatcher:
                     self._cond.wait(remaining)
                 batch = self._take_batch()
                 self._busy = True
+                self._current = batch
             try:
                 self._execute(batch)
             finally:
-                self._busy = False
+                with self._cond:
+                    self._busy = False
+                    self._current = []
 
     def _take_batch(self) -> list[Request]:
         """Oldest request plus compatible ones, FIFO, up to max_batch_size rows."""

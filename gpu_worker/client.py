@@ -6,6 +6,7 @@ app's pool hands each borrower its own).
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 from websockets.sync.client import connect
@@ -33,6 +34,7 @@ class ModelClient:
     ) -> None:
         self.url = url
         self.timeout = timeout
+        self.broken = False
         options = dict(open_timeout=open_timeout, close_timeout=close_timeout, compression=None, max_size=max_message_bytes)
         try:
             self._ws = connect(url, legacy=True, **options)  # websockets >= 17: a plain connection object
@@ -40,9 +42,22 @@ class ModelClient:
             self._ws = connect(url, **options)
         self.metadata: dict[str, Any] = wire.unpackb(self._ws.recv(timeout=open_timeout))
 
+    def _exchange(self, frame: bytes | str) -> bytes | str:
+        """Send one frame, receive its reply. Any failure in between closes the
+        connection: a reply that arrives late must never answer the next request."""
+        if self.broken:
+            raise ConnectionError(f"connection to {self.url} was closed after an earlier failure")
+        try:
+            self._ws.send(frame)
+            return self._ws.recv(timeout=self.timeout)
+        except BaseException:
+            self.broken = True
+            # Close on a side thread: a hung server would hold a graceful close for close_timeout.
+            threading.Thread(target=self.close, name="close-broken-connection", daemon=True).start()
+            raise
+
     def _roundtrip(self, payload: Any) -> Any:
-        self._ws.send(wire.packb(payload))
-        reply = self._ws.recv(timeout=self.timeout)
+        reply = self._exchange(wire.packb(payload))
         if isinstance(reply, str):
             raise ServerError(reply)
         return wire.unpackb(reply)
@@ -57,12 +72,14 @@ class ModelClient:
 
     def send_raw(self, frame: bytes | str) -> Any:
         """Send a frame as given (tests of bad input); returns the decoded reply or the error text."""
-        self._ws.send(frame)
-        reply = self._ws.recv(timeout=self.timeout)
+        reply = self._exchange(frame)
         return reply if isinstance(reply, str) else wire.unpackb(reply)
 
     def close(self) -> None:
-        self._ws.close()
+        try:
+            self._ws.close()
+        except Exception:  # noqa: BLE001 - a broken connection may fail to close cleanly; it is gone
+            pass
 
     def __enter__(self) -> "ModelClient":
         return self

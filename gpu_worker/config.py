@@ -57,6 +57,7 @@ class ServerConfig:
     port: int = 8000
     max_message_bytes: int = 64 * 2**20
     codec_offload_bytes: int = 64 * 1024  # frames/replies this large are (de)coded off the event loop
+    max_connections: int = 1024
     # Models
     models: tuple[ModelConfig, ...] = ()
     device: str = "auto"
@@ -79,6 +80,7 @@ class ServerConfig:
             raise ConfigError("host must be a non-empty address such as 127.0.0.1 or 0.0.0.0")
         _check_int("port", self.port, 0, 65535)
         _check_int("max_message_bytes", self.max_message_bytes, 1024, 2**31)
+        _check_int("max_connections", self.max_connections, 1, 1 << 20)
         _check_int("codec_offload_bytes", self.codec_offload_bytes, 0, 2**62)
         _check_int("max_batch_size", self.max_batch_size, 1, 1 << 16)
         _check_int("max_queue", self.max_queue, 1, 1 << 24)

@@ -23,6 +23,9 @@ import numpy as np
 from gpu_worker.model import STRING, TensorSpec
 
 MODEL_KEY = "__model__"
+MAX_DEPTH = 8  # nesting levels of observation maps
+MAX_KEY_CHARS = 256
+MAX_STRING_CHARS = 4096  # strings stack as fixed-width unicode: one long prompt would pad every row
 
 
 class ProtocolError(ValueError):
@@ -37,20 +40,28 @@ class ParsedFrame:
     is_batch: bool
 
 
-def _flatten(obs: Mapping, prefix: str = "") -> dict[str, Any]:
+def _flatten(obs: Mapping) -> dict[str, Any]:
+    """Nested maps to ``a/b`` keys, iteratively, with bounded depth and key length."""
     flat: dict[str, Any] = {}
-    for key, value in obs.items():
-        if isinstance(key, bytes):
-            key = key.decode("utf-8", "replace")
-        if not isinstance(key, str):
-            raise ProtocolError(f"observation keys must be strings, got {key!r}")
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            flat.update(_flatten(value, f"{name}/"))
-        elif name in flat:
-            raise ProtocolError(f"observation key {name!r} is given twice (nested and flat)")
-        else:
-            flat[name] = value
+    stack: list[tuple[str, Mapping, int]] = [("", obs, 1)]
+    while stack:
+        prefix, mapping, depth = stack.pop()
+        for key, value in mapping.items():
+            if isinstance(key, bytes):
+                key = key.decode("utf-8", "replace")
+            if not isinstance(key, str):
+                raise ProtocolError(f"observation keys must be strings, got {key!r:.80}")
+            name = f"{prefix}{key}"
+            if len(name) > MAX_KEY_CHARS:
+                raise ProtocolError(f"observation key {name[:40]!r}... is longer than {MAX_KEY_CHARS} characters")
+            if isinstance(value, Mapping):
+                if depth >= MAX_DEPTH:
+                    raise ProtocolError(f"observation maps nest deeper than {MAX_DEPTH} levels")
+                stack.append((f"{name}/", value, depth + 1))
+            elif name in flat:
+                raise ProtocolError(f"observation key {name!r} is given twice (nested and flat)")
+            else:
+                flat[name] = value
     return flat
 
 
@@ -63,9 +74,18 @@ def coerce_value(key: str, value: Any, spec: TensorSpec) -> np.ndarray:
     """One observation value, checked against ``spec`` and cast to its dtype."""
     if spec.dtype == STRING:
         if isinstance(value, np.ndarray) and value.dtype.kind == "U" and value.ndim == 0:
-            value = str(value)
+            try:
+                value = str(value)
+            except (SystemError, ValueError, UnicodeError):
+                raise ProtocolError(f"observation[{key!r}] holds invalid Unicode code points") from None
         if not isinstance(value, str):
             raise ProtocolError(f"observation[{key!r}] must be a string, got {type(value).__name__}")
+        if len(value) > MAX_STRING_CHARS:
+            raise ProtocolError(f"observation[{key!r}] holds {len(value)} characters; at most {MAX_STRING_CHARS}")
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ProtocolError(f"observation[{key!r}] is not valid Unicode text (lone surrogates)") from None
         return np.asarray(value)
     if isinstance(value, (str, bytes, type(None))):
         raise ProtocolError(f"observation[{key!r}] must be {_describe(spec)}, got {type(value).__name__}")
@@ -130,7 +150,10 @@ def parse_frame(
                 rows.append(coerce_observation(obs, specs[model], model))
             except ProtocolError as exc:
                 raise ProtocolError(f"batch item {i}: {exc}") from None
-        stacked = {key: np.stack([row[key] for row in rows]) for key in specs[model]}
+        try:
+            stacked = {key: np.stack([row[key] for row in rows]) for key in specs[model]}
+        except ValueError as exc:  # free dimensions that differ between items
+            raise ProtocolError(f"the items of an explicit batch must have equal shapes: {exc}") from None
         return ParsedFrame(model, stacked, len(rows), True)
     raise ProtocolError(
         f"a frame must be an observation map or a list of them, got {type(frame).__name__}"

@@ -34,6 +34,7 @@ from gpu_worker.protocol import ParsedFrame, ProtocolError, build_reply, parse_f
 logger = logging.getLogger("gpu_worker")
 
 MODEL_PATH_PREFIX = "/models/"
+RESERVED_OUTPUTS = frozenset({"server_timing", "model"})
 
 
 @dataclasses.dataclass
@@ -86,6 +87,11 @@ class ModelServer:
     # -- lifecycle --------------------------------------------------------
     async def start(self) -> int:
         """Listen (answering 503 while loading), then load the models. Returns the port."""
+        port = await self.listen()
+        await self.load()
+        return port
+
+    async def listen(self) -> int:
         self._server = await serve(
             self._handle,
             self.config.host,
@@ -97,16 +103,41 @@ class ModelServer:
         )
         port = self._server.sockets[0].getsockname()[1]
         logger.info("listening on ws://%s:%d (loading models)", self.config.host, port)
-        await asyncio.to_thread(self._load_models)
+        return port
+
+    async def load(self) -> None:
+        """Load the models on a daemon thread, so a signal can end the process mid-load."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future = loop.create_future()
+
+        def settle(error: BaseException | None) -> None:
+            if not done.done():
+                done.set_exception(error) if error else done.set_result(None)
+
+        def run() -> None:
+            error = None
+            try:
+                self._load_models()
+            except BaseException as exc:  # noqa: BLE001 - handed to the awaiting coroutine
+                error = exc
+            try:
+                loop.call_soon_threadsafe(settle, error)
+            except RuntimeError:  # the loop is gone: the server stopped while loading
+                pass
+
+        threading.Thread(target=run, name="model-loader", daemon=True).start()
+        await done
         self.ready = True
         logger.info("ready: models %s on %s", list(self.models), self.device)
-        return port
 
     def _load_models(self) -> None:
         self.device = resolve_device(self.config.device)
         for spec in self.config.models:
             started = time.monotonic()
             policy = load_model(spec.target, spec.checkpoint, device=self.device, options=spec.options)
+            clash = sorted(set(policy.output_spec) & RESERVED_OUTPUTS)
+            if clash:
+                raise ModelLoadError(f"model {spec.name!r} outputs {clash}, which replies reserve for the server")
             batcher = DynamicBatcher(
                 policy.infer_batch,
                 name=spec.name,
@@ -156,11 +187,15 @@ class ModelServer:
             try:
                 await asyncio.wait_for(self._idle.wait(), grace_s)
             except asyncio.TimeoutError:
-                logger.warning("grace period over with %d request(s) unanswered", self._inflight)
+                failed = sum(h.batcher.abandon("server shut down before this request ran") for h in self.models.values())
+                logger.warning("grace period over: %d request(s) failed unanswered", failed)
         connections = list(self._server.connections)
         if connections:
-            await asyncio.wait([asyncio.create_task(c.close(1001, "server shutting down")) for c in connections])
-        await self._server.wait_closed()
+            await asyncio.wait([asyncio.create_task(c.close(1001, "server shutting down")) for c in connections], timeout=5)
+        try:
+            await asyncio.wait_for(self._server.wait_closed(), 10)
+        except asyncio.TimeoutError:
+            logger.warning("connections did not close in time; exiting anyway")
         for hosted in self.models.values():
             await asyncio.to_thread(hosted.batcher.stop, 5.0)
         self._codec.shutdown(wait=False)
@@ -177,6 +212,8 @@ class ModelServer:
             return connection.respond(503, "models are loading; retry when /healthz answers 200\n")
         if self.draining:
             return connection.respond(503, "server is shutting down\n")
+        if self._server is not None and len(self._server.connections) >= self.config.max_connections:
+            return connection.respond(503, f"too many connections (max_connections={self.config.max_connections})\n")
         if path.startswith(MODEL_PATH_PREFIX) and path[len(MODEL_PATH_PREFIX) :] not in self.models:
             return connection.respond(404, f"unknown model in path {path!r}; hosted: {sorted(self.models)}\n")
         return None
@@ -228,6 +265,9 @@ class ModelServer:
             parsed = await self._offload(len(frame), self._decode, frame, model)
         except (ProtocolError, wire.WireError) as exc:
             return f"bad request: {exc}"
+        except Exception as exc:  # anything else a hostile frame can provoke (RecursionError, MemoryError, ...)
+            logger.warning("frame from a client could not be parsed: %s: %s", type(exc).__name__, exc)
+            return f"bad request: {type(exc).__name__}: {exc}"
         hosted = self.models[parsed.model]
         try:
             future = hosted.batcher.submit(BatchRequest(parsed.inputs, parsed.rows))
@@ -235,6 +275,8 @@ class ModelServer:
             return str(exc)
         try:
             result = await asyncio.wrap_future(future)
+        except ShuttingDown as exc:
+            return f"server is shutting down: {exc}"
         except Exception as exc:
             return f"model {parsed.model!r} failed: {type(exc).__name__}: {exc}"
         timing = {
@@ -272,7 +314,17 @@ async def serve_until_signalled(
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     try:
-        port = await server.start()
+        port = await server.listen()
+        loading = asyncio.create_task(server.load())
+        stopping = asyncio.create_task(stop.wait())
+        await asyncio.wait({loading, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if not loading.done():
+            logger.info("signal received while loading models: exiting without serving")
+            loading.cancel()
+            await server.drain_and_close(0)
+            return 0
+        stopping.cancel()
+        loading.result()
     except Exception as exc:
         logger.error("startup failed: %s", exc, exc_info=not isinstance(exc, (ConfigError, ModelLoadError)))
         if on_error is not None:

@@ -12,13 +12,13 @@ checked against its declared shape before numpy sees the buffer.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import msgpack
 import numpy as np
 
 _REFUSED_KINDS = frozenset("VOc")
+MAX_NDIM = 32
 
 
 class WireError(ValueError):
@@ -37,6 +37,11 @@ def _checked_dtype(name: Any) -> np.dtype:
     if dtype.kind in _REFUSED_KINDS or dtype.hasobject:
         raise WireError(f"array dtype {name!r} is not allowed (object, structured and complex dtypes are refused)")
     return dtype
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _pack_default(obj: Any) -> Any:
@@ -59,17 +64,21 @@ def _unpack_hook(obj: dict) -> Any:
         dtype = _checked_dtype(obj.get(b"dtype"))
         shape = obj.get(b"shape")
         data = obj.get(b"data")
-        if not isinstance(shape, (list, tuple)) or not all(
+        if not isinstance(shape, (list, tuple)) or len(shape) > MAX_NDIM or not all(
             isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
         ):
-            raise WireError(f"array shape must be a list of non-negative integers, got {shape!r}")
+            raise WireError(f"array shape must be a list of at most {MAX_NDIM} non-negative integers, got {_short(shape)}")
         if not isinstance(data, bytes):
             raise WireError(f"array data must be bytes, got {type(data).__name__}")
-        expected = math.prod(shape) * dtype.itemsize
-        if len(data) != expected:
-            raise WireError(
-                f"array data holds {len(data)} bytes but shape {list(shape)} of dtype {dtype.str} needs {expected}"
-            )
+        # Multiply one dimension at a time and stop once past the data: a shape of huge
+        # integers must not turn into a huge big-number product (it would hold the GIL).
+        needed = dtype.itemsize
+        for d in shape:
+            needed *= d
+            if needed > len(data):
+                break
+        if needed != len(data):
+            raise WireError(f"array data holds {len(data)} bytes, not what shape {_short(shape)} of dtype {dtype.str} needs")
         return np.frombuffer(data, dtype=dtype).reshape(shape)
     if b"__npgeneric__" in obj:
         dtype = _checked_dtype(obj.get(b"dtype"))

@@ -43,7 +43,7 @@ BAD_FRAMES = [
     ("batch of non-maps", wire.packb([1, 2]), "batch item 0: an observation must be a map"),
     ("batch mixing models", wire.packb([GOOD, {**GOOD, "__model__": "affine"}]), "an explicit batch must use one model"),
     ("bad batch item", wire.packb([GOOD, {"observation/state": np.zeros(5)}]), "batch item 1: observation['observation/state'] has shape (5,)"),
-    ("array data too short", msgpack.packb({"observation/state": {b"__ndarray__": True, b"data": b"\0" * 4, b"dtype": "<f4", b"shape": [4]}}, use_bin_type=True), "holds 4 bytes but shape [4]"),
+    ("array data too short", msgpack.packb({"observation/state": {b"__ndarray__": True, b"data": b"\0" * 4, b"dtype": "<f4", b"shape": [4]}}, use_bin_type=True), "holds 4 bytes, not what shape [4] of dtype <f4 needs"),
 ]
 
 

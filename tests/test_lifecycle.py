@@ -197,3 +197,16 @@ def test_cuda_server_is_pinned_to_the_visible_gpu(cli_server):
     used = {index_of[line.split(", ")[1].strip()] for line in query.stdout.strip().splitlines()
             if line.split(", ")[0] == str(server.proc.pid)}
     assert used == {gpu}
+
+
+def test_sigterm_while_loading_exits_promptly(cli_server, tmp_path):
+    config = tmp_path / "slow.toml"
+    config.write_text('[[models]]\nname = "slow"\ntarget = "gpu_worker.models.testing:AffineModel"\n'
+                      "options = { load_delay_s = 60 }\n")
+    server = cli_server("--config", str(config))
+    assert http_status(f"http://127.0.0.1:{server.port}/healthz") == 503
+    started = time.monotonic()
+    server.proc.send_signal(signal.SIGTERM)
+    assert server.proc.wait(30) == 0
+    assert time.monotonic() - started < 20
+    assert "signal received while loading models" in server.log()

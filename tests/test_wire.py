@@ -1,5 +1,7 @@
 """msgpack-numpy encoding: openpi's layout, and no pickle ever."""
 
+import re
+
 import msgpack
 import numpy as np
 import pytest
@@ -57,8 +59,8 @@ def test_refuses_to_decode_unsafe_dtypes(dtype):
 @pytest.mark.parametrize(
     "frame, message",
     [
-        (_frame("<f8", shape=(3,)), "holds 16 bytes but shape"),
-        (_frame("<f8", shape=(-1,)), "non-negative integers"),
+        (_frame("<f8", shape=(3,)), "holds 16 bytes, not what shape [3]"),
+        (_frame("<f8", shape=(-1,)), "at most 32 non-negative integers"),
         (_frame("nonsense"), "unknown array dtype"),
         (b"\xc1", "not valid msgpack"),
         (msgpack.packb(1) + b"\x01", "trailing bytes"),
@@ -66,5 +68,5 @@ def test_refuses_to_decode_unsafe_dtypes(dtype):
     ],
 )
 def test_bad_frames_name_the_problem(frame, message):
-    with pytest.raises(wire.WireError, match=message):
+    with pytest.raises(wire.WireError, match=re.escape(message)):
         wire.unpackb(frame)

@@ -89,3 +89,9 @@ class PromptModel(AffineModel):
         out = super().infer_batch(batch)
         out["prompt_len"] = np.array([len(p) for p in batch["prompt"]], dtype=np.int64)
         return out
+
+
+class ReservedOutputModel(AffineModel):
+    """Declares an output named like a reply field the server adds: refused at load."""
+
+    output_spec = {**AffineModel.output_spec, "server_timing": TensorSpec((), "float32")}

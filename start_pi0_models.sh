@@ -1,0 +1,99 @@
+#!/usr/bin/env bash
+# Start one gpu_worker model server per GPU on ports BASE_PORT, BASE_PORT+1, ... (each pinned
+# with CUDA_VISIBLE_DEVICES), or NUM_CPU_SERVERS CPU servers when no GPU is found.
+# Idempotent: a server whose PID file points at a live gpu_worker is left alone.
+#
+# Environment (all optional):
+#   BASE_PORT=8000  NUM_CPU_SERVERS=2  NUM_GPUS=<detected by nvidia-smi>  HOST=127.0.0.1
+#   GPU_WORKER_ARGS="--model NAME=module:Class[@CKPT] ..."   extra arguments for every server
+#   GPU_WORKER_CONFIG=path.toml                                a config file for every server
+#   PYTHON=.venv/bin/python  RUN_DIR=run  LOG_DIR=logs  HEALTH_TIMEOUT_S=300
+set -euo pipefail
+cd "$(dirname "$0")"
+if [ -z "${PYTHON:-}" ]; then
+  if [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
+fi
+BASE_PORT=${BASE_PORT:-8000}
+HOST=${HOST:-127.0.0.1}
+RUN_DIR=${RUN_DIR:-run}
+LOG_DIR=${LOG_DIR:-logs}
+HEALTH_TIMEOUT_S=${HEALTH_TIMEOUT_S:-300}
+mkdir -p "$RUN_DIR" "$LOG_DIR"
+
+if [ -n "${NUM_GPUS:-}" ]; then
+  gpus=$NUM_GPUS
+elif command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+  gpus=$(nvidia-smi -L | grep -c '^GPU ' || true)
+else
+  gpus=0
+fi
+if [ "$gpus" -gt 0 ]; then count=$gpus; kind=GPU; else count=${NUM_CPU_SERVERS:-2}; kind=CPU; fi
+case "$count" in ''|*[!0-9]*) echo "error: server count '$count' is not a number" >&2; exit 2;; esac
+
+is_ours() {  # PID is alive and is a gpu_worker
+  local pid=$1
+  [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null && tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q "gpu_worker"
+}
+
+port_free() {
+  "$PYTHON" - "$HOST" "$1" <<'PY'
+import socket, sys
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+try:
+    s.bind((sys.argv[1], int(sys.argv[2])))
+except OSError:
+    sys.exit(1)
+PY
+}
+
+extra=()
+[ -n "${GPU_WORKER_CONFIG:-}" ] && extra+=(--config "$GPU_WORKER_CONFIG")
+# shellcheck disable=SC2206
+[ -n "${GPU_WORKER_ARGS:-}" ] && extra+=(${GPU_WORKER_ARGS})
+
+ports=()
+started=()
+for ((i = 0; i < count; i++)); do
+  port=$((BASE_PORT + i))
+  pidfile="$RUN_DIR/pi0_gpu$i.pid"
+  log="$LOG_DIR/pi0_gpu$i.log"
+  ports+=("$port")
+  if [ -f "$pidfile" ] && is_ours "$(cat "$pidfile")"; then
+    echo "server $i already running (pid $(cat "$pidfile"), port $port)"
+    continue
+  fi
+  if ! port_free "$port"; then
+    echo "error: port $port is in use by another process; set BASE_PORT or stop it" >&2
+    exit 1
+  fi
+  if [ "$kind" = GPU ]; then devices=$i; else devices=""; fi
+  echo "starting $kind server $i on $HOST:$port (log $log)"
+  CUDA_VISIBLE_DEVICES=$devices PYTHONUNBUFFERED=1 setsid nohup "$PYTHON" -m gpu_worker \
+    --host "$HOST" --port "$port" "${extra[@]}" >>"$log" 2>&1 </dev/null &
+  echo $! >"$pidfile"
+  started+=("$i")
+done
+
+deadline=$((SECONDS + HEALTH_TIMEOUT_S))
+for i in "${started[@]}"; do
+  port=$((BASE_PORT + i))
+  pid=$(cat "$RUN_DIR/pi0_gpu$i.pid")
+  until "$PYTHON" -c "import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=2)" \
+      "http://127.0.0.1:$port/healthz" >/dev/null 2>&1; do
+    if ! kill -0 "$pid" 2>/dev/null; then
+      echo "error: server $i (port $port) exited; last lines of $LOG_DIR/pi0_gpu$i.log:" >&2
+      tail -n 20 "$LOG_DIR/pi0_gpu$i.log" >&2
+      exit 1
+    fi
+    if [ $SECONDS -ge $deadline ]; then
+      echo "error: server $i (port $port) not healthy after ${HEALTH_TIMEOUT_S}s; see $LOG_DIR/pi0_gpu$i.log" >&2
+      exit 1
+    fi
+    sleep 0.2
+  done
+  echo "server $i healthy on port $port"
+done
+joined=$(IFS=,; echo "${ports[*]}")
+echo "GPU_PORTS=$joined" >"$RUN_DIR/model_servers.env"
+echo "all $count $kind model server(s) up: GPU_PORTS=$joined"
