@@ -1,23 +1,37 @@
 #!/usr/bin/env bash
-# Set up and run the main job on the embedded default: a CPU model server hosting the
-# shipped models, and a seeded CartPole evaluation of the served policy that prints its score.
-#   bash scripts/demo.sh [extra gym_eval flags, e.g. --episodes 50]
+# The main job on the embedded default, from a fresh clone: install, start CPU model servers
+# hosting the shipped models, start the reward app (gunicorn), score a batch of CartPole rollout
+# tasks through POST /score and print the scores; then stop everything it started.
+#   bash scripts/demo.sh [extra example_client.py flags]
+# Environment: NUM_CPU_SERVERS (2), BASE_PORT (8000), PORT (6006).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SKIP_OPENPI_CLIENT=1 bash scripts/install.sh
 mkdir -p logs
-PORT=${PORT:-0}
-LOG=logs/demo_gpu_worker.log
-.venv/bin/python -m gpu_worker --port "$PORT" >"$LOG" 2>&1 &
-SERVER_PID=$!
-trap 'kill -TERM $SERVER_PID 2>/dev/null; wait $SERVER_PID 2>/dev/null || true' EXIT
+export NUM_CPU_SERVERS=${NUM_CPU_SERVERS:-2}
+PORT=${PORT:-6006}
 
-for _ in $(seq 1 600); do
-  if ! kill -0 $SERVER_PID 2>/dev/null; then echo "model server exited; see $LOG" >&2; cat "$LOG" >&2; exit 1; fi
-  PORT=$(sed -n 's/.*listening on ws:\/\/[^:]*:\([0-9]*\).*/\1/p' "$LOG" | head -n1)
-  if [ -n "$PORT" ] && .venv/bin/python -c "import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=2)" \
-      "http://127.0.0.1:$PORT/healthz" >/dev/null 2>&1; then break; fi
-  sleep 0.1
+APP_PID=
+cleanup() {
+  if [ -n "$APP_PID" ]; then kill -TERM "$APP_PID" 2>/dev/null || true; wait "$APP_PID" 2>/dev/null || true; fi
+  ./stop_pi0_models.sh >/dev/null || true
+}
+trap cleanup EXIT
+
+./start_pi0_models.sh
+PORT=$PORT HOST=127.0.0.1 ./start_server.sh --production >logs/reward_app.log 2>&1 &
+APP_PID=$!
+for _ in $(seq 1 300); do
+  if ! kill -0 "$APP_PID" 2>/dev/null; then echo "reward app exited; see logs/reward_app.log" >&2; cat logs/reward_app.log >&2; exit 1; fi
+  if .venv/bin/python -c "import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=2)" \
+      "http://127.0.0.1:$PORT/health" >/dev/null 2>&1; then break; fi
+  sleep 0.2
 done
-echo "model server ready on ws://127.0.0.1:$PORT (log: $LOG)"
-.venv/bin/python -m gpu_worker.gym_eval --url "ws://127.0.0.1:$PORT" --episodes 20 "$@"
+echo "reward app ready on http://127.0.0.1:$PORT (log: logs/reward_app.log)"
+.venv/bin/python example_client.py --url "http://127.0.0.1:$PORT" \
+  --tasks cartpole cartpole_short gym:CartPole-v1 --repeat 2 --per-request 3 --max-workers 2 "$@"
+echo
+echo "pool status:"
+.venv/bin/python -c "import json, sys, urllib.request; s = json.load(urllib.request.urlopen(sys.argv[1])); \
+print('\n'.join(f\"  {x['url']}  {x['state']}  requests {x['requests']}  errors {x['errors']}  p50 {x['latency_ms']['p50']} ms\" for x in s['servers']))" \
+  "http://127.0.0.1:$PORT/pool_status"

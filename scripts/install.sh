@@ -11,7 +11,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
 .venv/bin/python -m pip install -q "$TORCH_SPEC"
-.venv/bin/python -m pip install -q -e ".[test]"
+.venv/bin/python -m pip install -q -e ".[${EXTRAS:-test}]"
 
 if [ "${SKIP_OPENPI_CLIENT:-0}" != "1" ]; then
   if [ ! -x .venv-openpi/bin/python ]; then
