@@ -8,6 +8,7 @@
 #   GPU_WORKER_ARGS="--model NAME=module:Class[@CKPT] ..."   extra arguments for every server
 #   GPU_WORKER_CONFIG=path.toml                                a config file for every server
 #   PYTHON=.venv/bin/python  RUN_DIR=run  LOG_DIR=logs  HEALTH_TIMEOUT_S=300
+#   OMP_NUM_THREADS (CPU servers: default cores / servers)
 set -euo pipefail
 cd "$(dirname "$0")"
 if [ -z "${PYTHON:-}" ]; then
@@ -29,6 +30,12 @@ else
 fi
 if [ "$gpus" -gt 0 ]; then count=$gpus; kind=GPU; else count=${NUM_CPU_SERVERS:-2}; kind=CPU; fi
 case "$count" in ''|*[!0-9]*) echo "error: server count '$count' is not a number" >&2; exit 2;; esac
+threads_env=()
+if [ "$kind" = CPU ] && [ -z "${OMP_NUM_THREADS:-}" ]; then
+  # CPU servers share the cores: without a share each, their OpenMP pools spin against each other.
+  share=$(( $(nproc) / count )); [ "$share" -ge 1 ] || share=1
+  threads_env=(OMP_NUM_THREADS=$share)
+fi
 
 is_ours() {  # PID is alive and is a gpu_worker
   local pid=$1
@@ -69,7 +76,7 @@ for ((i = 0; i < count; i++)); do
   fi
   if [ "$kind" = GPU ]; then devices=$i; else devices=""; fi
   echo "starting $kind server $i on $HOST:$port (log $log)"
-  CUDA_VISIBLE_DEVICES=$devices PYTHONUNBUFFERED=1 setsid nohup "$PYTHON" -m gpu_worker \
+  env "${threads_env[@]}" CUDA_VISIBLE_DEVICES=$devices PYTHONUNBUFFERED=1 setsid nohup "$PYTHON" -m gpu_worker \
     --host "$HOST" --port "$port" "${extra[@]}" >>"$log" 2>&1 </dev/null &
   echo $! >"$pidfile"
   started+=("$i")

@@ -167,15 +167,18 @@ class ClientPool:
             return sum(s.state == UP for s in self._servers)
 
     # -- borrowing --------------------------------------------------------
-    def _pick(self, exclude: set[_Server]) -> _Server | None:
+    def _pick(self, exclude: set[_Server], prefer: str | None) -> _Server | None:
         up = [s for s in self._servers if s.state == UP]
-        preferred = [s for s in up if s not in exclude] or up
-        usable = [s for s in preferred if s.idle or s.connections < self.max_connections_per_server]
+        candidates = [s for s in up if s not in exclude] or up
+        usable = [s for s in candidates if s.idle or s.connections < self.max_connections_per_server]
         if not usable:
             return None
-        return min(usable, key=lambda s: (s.load, s.requests))
+        # Least loaded first; on a tie stay where the caller was (a warm server), then the one that served fewest.
+        return min(usable, key=lambda s: (s.load, s.url != prefer, s.requests))
 
-    def _acquire(self, timeout_s: float | None, exclude: set[_Server]) -> tuple[_Server, ModelClient]:
+    def _acquire(
+        self, timeout_s: float | None, exclude: set[_Server], prefer: str | None = None
+    ) -> tuple[_Server, ModelClient]:
         timeout_s = self.acquire_timeout_s if timeout_s is None else timeout_s
         deadline = time.monotonic() + timeout_s
         while True:
@@ -183,7 +186,7 @@ class ClientPool:
                 while True:
                     if self._closed:
                         raise PoolError("the client pool is closed")
-                    server = self._pick(exclude)
+                    server = self._pick(exclude, prefer)
                     if server is not None:
                         break
                     remaining = deadline - time.monotonic()
@@ -234,19 +237,24 @@ class ClientPool:
         self._release(server, conn, keep=True)
 
     # -- inference with retry ---------------------------------------------
-    def infer(self, obs: dict[str, Any]) -> tuple[dict[str, Any], str]:
-        """One observation -> (action map, URL of the server that answered)."""
-        return self._call(lambda conn: conn.infer(obs))
+    def infer(self, obs: dict[str, Any], *, prefer: str | None = None) -> tuple[dict[str, Any], str]:
+        """One observation -> (action map, URL of the server that answered).
 
-    def infer_batch(self, observations: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], str]:
+        ``prefer``: a server URL to use when it is no busier than the others
+        (a sequential caller stays on a warm server)."""
+        return self._call(lambda conn: conn.infer(obs), prefer)
+
+    def infer_batch(
+        self, observations: list[dict[str, Any]], *, prefer: str | None = None
+    ) -> tuple[list[dict[str, Any]], str]:
         """An explicit batch frame -> (list of action maps, URL of the server that answered)."""
-        return self._call(lambda conn: conn.infer_batch(observations))
+        return self._call(lambda conn: conn.infer_batch(observations), prefer)
 
-    def _call(self, fn: Callable[[ModelClient], Any]) -> tuple[Any, str]:
+    def _call(self, fn: Callable[[ModelClient], Any], prefer: str | None = None) -> tuple[Any, str]:
         tried: set[_Server] = set()
         last_error = "no attempt made"
         for attempt in range(self.retries + 1):
-            server, conn = self._acquire(None, tried)
+            server, conn = self._acquire(None, tried, prefer)
             started = time.monotonic()
             try:
                 result = fn(conn)

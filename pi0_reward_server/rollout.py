@@ -56,11 +56,13 @@ class PoolPolicy:
     def __init__(self, pool, model: str | None = None) -> None:
         self.pool = pool
         self.model = model
+        self.last_server: str | None = None  # a task stays on a warm server while it is no busier
 
     def infer_batch(self, observations: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], str]:
         if self.model is not None:
             observations = [{**obs, "__model__": self.model} for obs in observations]
-        return self.pool.infer_batch(observations)
+        actions, self.last_server = self.pool.infer_batch(observations, prefer=self.last_server)
+        return actions, self.last_server
 
 
 class LocalPolicy:
