@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 
 from gpu_worker import __version__
@@ -26,6 +27,11 @@ def build_parser() -> argparse.ArgumentParser:
     net.add_argument("--host", help="address to bind (default 127.0.0.1; 0.0.0.0 exposes it)")
     net.add_argument("--port", type=int, help="port (default 8000; 0 picks a free one)")
     net.add_argument("--max-message-bytes", type=int, help="largest frame accepted (default 64 MiB)")
+    net.add_argument(
+        "--api-key-env", metavar="VAR", default="GPU_WORKER_API_KEY",
+        help="environment variable holding an API key clients must send as 'Authorization: Api-Key <key>' "
+        "(default GPU_WORKER_API_KEY; unset or empty: no key)",
+    )
     net.add_argument("--codec-offload-bytes", type=int, help="frames this large are (de)coded off the event loop (default 64 KiB)")
     models = parser.add_argument_group("models")
     models.add_argument(
@@ -59,6 +65,8 @@ def config_from_args(argv: list[str] | None = None) -> ServerConfig:
                 values[field] = value
         if args.model:
             values["models"] = tuple(ModelConfig.parse(text) for text in args.model)
+        if os.environ.get(args.api_key_env):  # from the environment, so it never shows in `ps`
+            values["api_key"] = os.environ[args.api_key_env]
         return ServerConfig(**values)
     except ConfigError as exc:
         parser.error(str(exc))

@@ -31,11 +31,16 @@ class ModelClient:
         timeout: float | None = 60.0,
         max_message_bytes: int | None = 256 * 2**20,
         close_timeout: float = 2.0,
+        api_key: str | None = None,
     ) -> None:
         self.url = url
         self.timeout = timeout
         self.broken = False
-        options = dict(open_timeout=open_timeout, close_timeout=close_timeout, compression=None, max_size=max_message_bytes)
+        options: dict[str, Any] = dict(
+            open_timeout=open_timeout, close_timeout=close_timeout, compression=None, max_size=max_message_bytes
+        )
+        if api_key:
+            options["additional_headers"] = {"Authorization": f"Api-Key {api_key}"}  # as openpi-client sends it
         try:
             self._ws = connect(url, legacy=True, **options)  # websockets >= 17: a plain connection object
         except TypeError:

@@ -58,6 +58,7 @@ class ServerConfig:
     max_message_bytes: int = 64 * 2**20
     codec_offload_bytes: int = 64 * 1024  # frames/replies this large are (de)coded off the event loop
     max_connections: int = 1024
+    api_key: str | None = None  # when set, WebSocket clients must send "Authorization: Api-Key <key>"
     # Models
     models: tuple[ModelConfig, ...] = ()
     device: str = "auto"
@@ -90,6 +91,8 @@ class ServerConfig:
             raise ConfigError(f"shutdown_grace_s must be >= 0, got {self.shutdown_grace_s!r}")
         if not isinstance(self.device, str) or not _DEVICE.match(self.device):
             raise ConfigError(f"device {self.device!r} must be auto, cpu, cuda or cuda:N")
+        if self.api_key is not None and (not isinstance(self.api_key, str) or len(self.api_key) < 8):
+            raise ConfigError("api_key must be a string of at least 8 characters (or unset)")
         if self.log_level.upper() not in LOG_LEVELS:
             raise ConfigError(f"log_level {self.log_level!r} must be one of {', '.join(LOG_LEVELS)}")
         object.__setattr__(self, "log_level", self.log_level.upper())

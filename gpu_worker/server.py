@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import dataclasses
+import hmac
 import logging
 import signal
 import threading
@@ -202,12 +203,19 @@ class ModelServer:
         logger.info("closed")
 
     # -- HTTP -------------------------------------------------------------
+    def _authorized(self, request: Request) -> bool:
+        """openpi-client sends ``Authorization: Api-Key <key>``; compared in constant time."""
+        scheme, _, key = request.headers.get("Authorization", "").partition(" ")
+        return scheme.lower() == "api-key" and hmac.compare_digest(key.strip().encode(), self.config.api_key.encode())
+
     def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
         path = request.path.split("?", 1)[0]
         if path == "/healthz":
             if self.ready and not self.draining:
                 return connection.respond(200, "OK\n")
             return connection.respond(503, "shutting down\n" if self.draining else "loading models\n")
+        if self.config.api_key and not self._authorized(request):
+            return connection.respond(401, "unauthorized: send 'Authorization: Api-Key <key>'\n")
         if not self.ready:
             return connection.respond(503, "models are loading; retry when /healthz answers 200\n")
         if self.draining:

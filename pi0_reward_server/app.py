@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import threading
 import time
 from typing import Any, Mapping
 
@@ -29,6 +30,26 @@ class BadRequest(ValueError):
     def __init__(self, field: str, message: str) -> None:
         super().__init__(f"{field}: {message}")
         self.field = field
+
+
+class Admission:
+    """Bounds the tasks in flight in this process, so load beyond it is refused, not queued."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.inflight = 0
+        self._lock = threading.Lock()
+
+    def acquire(self, n: int) -> bool:
+        with self._lock:
+            if self.inflight + n > self.limit and self.inflight > 0:
+                return False
+            self.inflight += n
+            return True
+
+    def release(self, n: int) -> None:
+        with self._lock:
+            self.inflight -= n
 
 
 def create_app(config: AppConfig | Mapping[str, Any] | None = None, *, pool: ClientPool | None = None) -> Flask:
@@ -50,6 +71,7 @@ def create_app(config: AppConfig | Mapping[str, Any] | None = None, *, pool: Cli
             backoff_initial_s=settings.backoff_initial_s,
             backoff_max_s=settings.backoff_max_s,
             retries=settings.retries,
+            api_key=settings.model_api_key,
         ).start(wait_s=settings.connect_timeout_s)
     app.extensions["client_pool"] = pool
     limits = Limits(
@@ -61,12 +83,21 @@ def create_app(config: AppConfig | Mapping[str, Any] | None = None, *, pool: Cli
     logger.info("reward app: %d model server(s) configured, %d up, auth %s",
                 len(settings.model_servers), pool.healthy_servers, "on" if settings.token else "off")
 
+    admission = Admission(settings.max_inflight_tasks)
+    app.extensions["admission"] = admission
+
     def authorized() -> bool:
         if not settings.token:
             return True
         header = request.headers.get("Authorization", "")
         scheme, _, credential = header.partition(" ")
         return scheme.lower() == "bearer" and hmac.compare_digest(credential.strip().encode(), settings.token.encode())
+
+    def retry_later(status: int, message: str):
+        response = jsonify(error=message)
+        response.status_code = status
+        response.headers["Retry-After"] = "5"
+        return response
 
     def unauthorized():
         response = jsonify(error="unauthorized: send 'Authorization: Bearer <token>'")
@@ -110,11 +141,17 @@ def create_app(config: AppConfig | Mapping[str, Any] | None = None, *, pool: Cli
             tasks = [parse_task(i, response, kwargs, limits) for i, response in enumerate(responses)]
         except (BadRequest, TaskError) as exc:
             return jsonify(error=str(exc), field=exc.field), 400
+        if not admission.acquire(len(tasks)):
+            return retry_later(429, f"busy: {admission.inflight} tasks in flight in this worker "
+                                    f"(max_inflight_tasks={settings.max_inflight_tasks}); retry later")
+        try:
+            return run_scoring(tasks, max_workers, started)
+        finally:
+            admission.release(len(tasks))
+
+    def run_scoring(tasks: list, max_workers: int, started: float):
         if pool.healthy_servers == 0:
-            response = jsonify(error="no model server is usable; see /pool_status", pool=pool.status()["totals"])
-            response.status_code = 503
-            response.headers["Retry-After"] = "5"
-            return response
+            return retry_later(503, "no model server is usable; see /pool_status")
         results = run_tasks(
             tasks, lambda task: PoolPolicy(pool, task.model), max_workers=max_workers, failure_score=settings.failure_score
         )

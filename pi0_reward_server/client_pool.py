@@ -102,6 +102,7 @@ class ClientPool:
         backoff_initial_s: float = 0.5,
         backoff_max_s: float = 30.0,
         retries: int = 2,
+        api_key: str | None = None,
         client_factory: Callable[..., ModelClient] = ModelClient,
     ) -> None:
         if not urls:
@@ -118,6 +119,7 @@ class ClientPool:
         self.backoff_initial_s = backoff_initial_s
         self.backoff_max_s = backoff_max_s
         self.retries = retries
+        self._api_key = api_key
         self._client_factory = client_factory
         self._cond = threading.Condition()
         self._closed = False
@@ -167,6 +169,12 @@ class ClientPool:
             return sum(s.state == UP for s in self._servers)
 
     # -- borrowing --------------------------------------------------------
+    def _open(self, server: _Server) -> ModelClient:
+        options: dict[str, Any] = {"open_timeout": self.connect_timeout_s, "timeout": self.request_timeout_s}
+        if self._api_key:
+            options["api_key"] = self._api_key
+        return self._client_factory(server.url, **options)
+
     def _pick(self, exclude: set[_Server], prefer: str | None) -> _Server | None:
         up = [s for s in self._servers if s.state == UP]
         candidates = [s for s in up if s not in exclude] or up
@@ -201,7 +209,7 @@ class ClientPool:
                     return server, server.idle.pop()
                 server.opening += 1
             try:  # open a new connection outside the lock
-                conn = self._client_factory(server.url, open_timeout=self.connect_timeout_s, timeout=self.request_timeout_s)
+                conn = self._open(server)
             except Exception as exc:  # noqa: BLE001 - any failure to connect marks the server down
                 with self._cond:
                     server.opening -= 1
@@ -329,8 +337,7 @@ class ClientPool:
         if self._healthy(server.url):
             for _ in range(max(1, self.connections_per_server)):
                 try:
-                    opened.append(self._client_factory(
-                        server.url, open_timeout=self.connect_timeout_s, timeout=self.request_timeout_s))
+                    opened.append(self._open(server))
                 except Exception as exc:  # noqa: BLE001
                     error = f"connect failed: {type(exc).__name__}: {exc}"
                     break

@@ -5,7 +5,8 @@ environment variable ``REWARD_<FIELD>`` (upper case), or by the mapping given
 to ``create_app(config)``. Two shorthands name the model servers:
 ``MODEL_SERVERS="ws://host:8000,ws://other:8001"`` and
 ``GPU_PORTS="8000,8001"`` (on ``MODEL_HOST``, default 127.0.0.1). The bearer
-token comes from ``REWARD_SERVER_TOKEN``.
+token comes from ``REWARD_SERVER_TOKEN``, the model servers' API key from
+``MODEL_SERVER_API_KEY``.
 """
 
 from __future__ import annotations
@@ -36,8 +37,10 @@ class AppConfig:
     backoff_initial_s: float = 0.5
     backoff_max_s: float = 30.0
     retries: int = 2  # extra attempts, on other servers where possible
+    model_api_key: str | None = None  # sent to model servers as "Authorization: Api-Key <key>"
     # Scoring
     max_workers_cap: int = 32
+    max_inflight_tasks: int = 512  # per app process, over all requests; past it /score answers 429
     max_responses: int = 1024
     max_episodes_per_task: int = 1000
     max_steps_per_episode: int = 100_000
@@ -65,6 +68,7 @@ class AppConfig:
             ("max_connections_per_server", 1, 4096),
             ("retries", 0, 10),
             ("max_workers_cap", 1, 4096),
+            ("max_inflight_tasks", 1, 10_000_000),
             ("max_responses", 1, 1_000_000),
             ("max_episodes_per_task", 1, 1_000_000),
             ("max_steps_per_episode", 1, 100_000_000),
@@ -98,7 +102,7 @@ def _coerce(name: str, text: str) -> Any:
     default = FIELDS[name].default
     if name == "model_servers":
         return text
-    if name == "token":
+    if name in ("token", "model_api_key"):
         return text or None
     if isinstance(default, bool):
         return text.lower() in ("1", "true", "yes")
@@ -143,6 +147,8 @@ def from_env(environ: Mapping[str, str]) -> dict[str, Any]:
         values["model_servers"] = environ["MODEL_SERVERS"]
     if "REWARD_SERVER_TOKEN" in environ:
         values["token"] = environ["REWARD_SERVER_TOKEN"] or None
+    if "MODEL_SERVER_API_KEY" in environ:
+        values["model_api_key"] = environ["MODEL_SERVER_API_KEY"] or None
     return values
 
 

@@ -100,6 +100,7 @@ BAD_BODIES = [
     ("unknown response field", {"responses": [{"task": "cartpole", "epsiodes": 3}]}, "unknown field(s) ['epsiodes']"),
     ("episodes wrong type", {"responses": [{"task": "cartpole", "episodes": "3"}]}, "responses[0].episodes: must be an integer"),
     ("too many episodes", {"responses": [{"task": "cartpole", "episodes": 10**6}]}, "between 1 and 1000"),
+    ("too many steps", {"responses": [{"task": "cartpole", "max_steps": 10**9}]}, "responses[0].max_steps: must be an integer between 1 and 100000"),
     ("negative seed", {"responses": [{"task": "cartpole", "seed": -1}]}, "responses[0].seed"),
     ("bad return range", {"responses": [{"env": "CartPole-v1", "return_range": [5, 1]}]}, "low must be below high"),
     ("no threshold", {"responses": ["gym:Pendulum-v1"]}, "give success_threshold or return_range"),

@@ -75,6 +75,16 @@ def test_start_is_idempotent_and_stop_leaves_nothing(script_env, tmp_path):
     assert not any(alive(pid) for pid in pids)
     assert not list((tmp_path / "run").glob("pi0_gpu*.pid"))
     assert http_status(f"http://127.0.0.1:{base}/healthz") is None
+    # No orphan: no live process anywhere still runs a server on these ports.
+    leftovers = []
+    for cmdline in pathlib.Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            args = cmdline.read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"gpu_worker" in args and str(base).encode() in args and alive(int(cmdline.parent.name)):
+            leftovers.append(cmdline.parent.name)
+    assert not leftovers
 
 
 def test_stop_never_kills_a_process_it_did_not_start(script_env, tmp_path):
