@@ -23,3 +23,19 @@ def test_gpu_worker_benchmark_runs_and_writes_json(tmp_path):
     assert set(figures["throughput"]) == {"1", "2"}
     assert figures["throughput"]["2"]["gpu_worker"]["requests_per_s"] > 0
     assert set(figures["latency"]) == {"state-only", "libero-sized"}
+
+
+@pytest.mark.slow
+def test_score_and_load_benchmarks_run(tmp_path):
+    score_out, load_out = tmp_path / "score.json", tmp_path / "load.json"
+    for args, out in (
+        (["bench_score.py", "--tasks", "4", "--steps", "3", "--repeats", "1", "--workers", "1,2",
+          "--layer-tasks", "4", "--layer-repeats", "1"], score_out),
+        (["bench_load.py", "--clients", "2", "--seconds", "1", "--warmup", "0.5"], load_out),
+    ):
+        result = subprocess.run([sys.executable, str(ROOT / "bench" / args[0]), *args[1:], "--out", str(out)],
+                                capture_output=True, text=True, timeout=300, cwd=ROOT)
+        assert result.returncode == 0, result.stderr[-3000:]
+    assert len(json.loads(score_out.read_text())["points"]) == 4
+    phases = json.loads(load_out.read_text())["phases"]
+    assert [p["errors"] for p in phases] == [0, 0] and all(p["requests"] > 0 for p in phases)
