@@ -92,7 +92,7 @@ def in_process(urls: list[str], responses: list, max_workers: int) -> tuple[floa
     with ClientPool(urls, connections_per_server=2).start(wait_s=10) as pool:
         pool.wait_for_servers(len(urls), 10)
         started = time.perf_counter()
-        results = run_tasks(tasks, lambda task: PoolPolicy(pool, task.model), max_workers=max_workers, failure_score=0.0)
+        results = run_tasks(tasks, lambda model: PoolPolicy(pool, model), max_workers=max_workers, failure_score=0.0)
         return time.perf_counter() - started, [r.score for r in results]
 
 

@@ -153,7 +153,7 @@ def create_app(config: AppConfig | Mapping[str, Any] | None = None, *, pool: Cli
         if pool.healthy_servers == 0:
             return retry_later(503, "no model server is usable; see /pool_status")
         results = run_tasks(
-            tasks, lambda task: PoolPolicy(pool, task.model), max_workers=max_workers, failure_score=settings.failure_score
+            tasks, lambda model: PoolPolicy(pool, model), max_workers=max_workers, failure_score=settings.failure_score
         )
         failures = sum(r.error is not None for r in results)
         return jsonify(

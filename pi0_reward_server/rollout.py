@@ -25,7 +25,7 @@ from typing import Any, Callable, Mapping, Protocol
 
 import numpy as np
 
-from pi0_reward_server.tasks import RolloutTask
+from pi0_reward_server.tasks import RolloutTask, SelfPlayTask
 
 logger = logging.getLogger(__name__)
 
@@ -45,9 +45,12 @@ class TaskResult:
     seconds: float = 0.0
     error: str | None = None
     task: dict[str, Any] | None = None
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)  # kind-specific details
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        out = dataclasses.asdict(self)
+        out.update(out.pop("extra"))
+        return out
 
 
 class PoolPolicy:
@@ -81,9 +84,14 @@ class LocalPolicy:
         return [{k: v[i] for k, v in outputs.items()} for i in range(parsed.rows)], "in-process"
 
 
-def run_gym_task(task: RolloutTask, policy: BatchPolicy) -> TaskResult:
+PolicyFor = Callable[[str | None], BatchPolicy]
+"""Gives the policy that serves a hosted model's name (None: the servers' default model)."""
+
+
+def run_gym_task(task: RolloutTask, policy_for: PolicyFor) -> TaskResult:
     import gymnasium as gym
 
+    policy = policy_for(task.model)
     started = time.monotonic()
     kwargs = {"max_episode_steps": task.max_steps} if task.max_steps else {}
     envs = [gym.make(task.env, **kwargs) for _ in range(task.episodes)]
@@ -134,14 +142,57 @@ def run_gym_task(task: RolloutTask, policy: BatchPolicy) -> TaskResult:
     )
 
 
-BACKENDS: dict[str, Callable[[RolloutTask, BatchPolicy], TaskResult]] = {"gym": run_gym_task}
+def run_selfplay_task(task: SelfPlayTask, policy_for: PolicyFor) -> TaskResult:
+    from pi0_reward_server.selfplay.games import make_game
+    from pi0_reward_server.selfplay.mcts import MCTSConfig, UniformEvaluator
+    from pi0_reward_server.selfplay.play import Agent, PolicyEvaluator, encode_records, match_score, play_games
+
+    started = time.monotonic()
+    game = make_game(task.game, task.rows, task.cols)
+    config = MCTSConfig(simulations=task.simulations, leaves_per_round=task.leaves_per_round, c_puct=task.c_puct)
+    rng = np.random.default_rng(task.seed)
+    network = PolicyEvaluator(policy_for(task.model))
+    evaluators = [network]
+    if task.mode == "generate":
+        agent = Agent("mcts", network, config, noise=True)
+        results = play_games(game, [(agent, agent)] * task.games, rng, temperature_moves=task.temperature_moves,
+                             record=True)
+        outcomes = [r.outcome for r in results]
+        extra = {"games": task.games, "first_player_wins": sum(o > 0 for o in outcomes),
+                 "draws": sum(o == 0 for o in outcomes), "records": encode_records(results, task.max_positions)}
+        score = 1.0  # generation has no win rate; the records are the product
+    else:
+        ours = Agent("mcts", network, config)
+        if task.opponent == "random":
+            theirs = Agent("random")
+        elif task.opponent == "mcts":
+            theirs = Agent("mcts", UniformEvaluator(), config)
+        else:
+            opponent_net = PolicyEvaluator(policy_for(task.opponent))
+            evaluators.append(opponent_net)
+            theirs = Agent("mcts", opponent_net, config)
+        seats = [(ours, theirs) if g % 2 == 0 else (theirs, ours) for g in range(task.games)]
+        results = play_games(game, seats, rng, temperature_moves=task.temperature_moves)
+        summary = match_score(results, [g % 2 for g in range(task.games)])
+        score = summary.pop("score")
+        extra = {"games": task.games, **summary}
+    extra["network_calls"] = sum(e.calls for e in evaluators)
+    extra["mean_batch_rows"] = sum(e.rows for e in evaluators) / max(1, sum(e.calls for e in evaluators))
+    return TaskResult(
+        score=score, steps=sum(len(r.moves) for r in results),
+        servers=sorted(set().union(*(e.servers for e in evaluators))), seconds=time.monotonic() - started,
+        task=task.describe(), extra=extra,
+    )
 
 
-def run_task(task: RolloutTask, policy: BatchPolicy, failure_score: float) -> TaskResult:
+BACKENDS: dict[str, Callable[[Any, PolicyFor], TaskResult]] = {"gym": run_gym_task, "selfplay": run_selfplay_task}
+
+
+def run_task(task: RolloutTask | SelfPlayTask, policy_for: PolicyFor, failure_score: float) -> TaskResult:
     """Run one task; any failure becomes a result with ``failure_score`` and the error."""
     started = time.monotonic()
     try:
-        return BACKENDS[task.backend](task, policy)
+        return BACKENDS[task.backend](task, policy_for)
     except Exception as exc:  # noqa: BLE001 - every task gets exactly one result
         logger.warning("task %s failed: %s: %s", task.name, type(exc).__name__, exc)
         return TaskResult(
@@ -151,9 +202,9 @@ def run_task(task: RolloutTask, policy: BatchPolicy, failure_score: float) -> Ta
 
 
 def run_tasks(
-    tasks: list[RolloutTask], policy_for: Callable[[RolloutTask], BatchPolicy], *, max_workers: int, failure_score: float
+    tasks: list[RolloutTask | SelfPlayTask], policy_for: PolicyFor, *, max_workers: int, failure_score: float
 ) -> list[TaskResult]:
     """Fan the tasks out over ``max_workers`` threads; results in task order."""
     with concurrent.futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="score") as executor:
-        futures = [executor.submit(run_task, task, policy_for(task), failure_score) for task in tasks]
+        futures = [executor.submit(run_task, task, policy_for, failure_score) for task in tasks]
         return [future.result() for future in futures]

@@ -22,16 +22,26 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from typing import Any, Mapping
 
 TASK_FIELDS = ("task", "env", "episodes", "seed", "max_steps", "model", "success_threshold", "return_range", "prompt")
-KWARG_FIELDS = tuple(f for f in TASK_FIELDS if f not in ("env",)) + ("max_workers",)
+SELFPLAY_FIELDS = ("kind", "task", "game", "rows", "cols", "games", "simulations", "opponent", "model", "seed", "mode",
+                   "leaves_per_round", "temperature_moves", "c_puct", "max_positions")
+KWARG_FIELDS = tuple(dict.fromkeys(
+    [f for f in TASK_FIELDS if f != "env"] + [f for f in SELFPLAY_FIELDS if f not in ("kind", "task")] + ["max_workers"]
+))
+ROLLOUT_ONLY = frozenset(TASK_FIELDS) - frozenset(SELFPLAY_FIELDS)
+SELFPLAY_ONLY = frozenset(SELFPLAY_FIELDS) - frozenset(TASK_FIELDS)
 
 REGISTRY: dict[str, dict[str, Any]] = {
     # The embedded default: the shipped CartPole MLP holds the pole for the full 500 steps.
     "cartpole": {"env": "CartPole-v1", "success_threshold": 475.0},
     # A short variant for quick checks and benchmarks: success is holding 100 steps.
     "cartpole_short": {"env": "CartPole-v1", "max_steps": 100, "success_threshold": 100.0},
+    # Self-play matches of the shipped networks against MCTS with a uniform evaluator.
+    "connect4_match": {"kind": "selfplay", "game": "connect4", "opponent": "mcts", "games": 8, "simulations": 32},
+    "dots_boxes_match": {"kind": "selfplay", "game": "dots_boxes", "opponent": "mcts", "games": 8, "simulations": 32},
 }
 
 
@@ -61,11 +71,38 @@ class RolloutTask:
 
 
 @dataclasses.dataclass(frozen=True)
+class SelfPlayTask:
+    """Games between a hosted network (MCTS) and an opponent, or self-play that yields records."""
+
+    name: str
+    game: str  # "connect4" or "dots_boxes"
+    rows: int
+    cols: int
+    games: int
+    simulations: int
+    opponent: str  # "random", "mcts" (uniform evaluator) or a hosted model's name
+    model: str  # the hosted network being scored (or generating)
+    seed: int
+    mode: str  # "match" (score = win rate, a draw counts half) or "generate" (training records)
+    leaves_per_round: int
+    temperature_moves: int
+    c_puct: float
+    max_positions: int
+    backend: str = "selfplay"
+
+    def describe(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
 class Limits:
     max_episodes: int = 1000
     max_steps: int = 100_000
     default_episodes: int = 10
     default_seed: int = 0
+    max_games: int = 256
+    max_simulations: int = 1600
+    max_positions: int = 20_000
 
 
 def _int(field: str, value: Any, low: int, high: int) -> int:
@@ -111,13 +148,18 @@ def parse_task(index: int, response: Any, defaults: Mapping[str, Any], limits: L
     if isinstance(response, str):
         fields: dict[str, Any] = {"task": response}
     elif isinstance(response, Mapping):
-        unknown = sorted(set(response) - set(TASK_FIELDS))
+        unknown = sorted(set(response) - set(TASK_FIELDS) - set(SELFPLAY_FIELDS))
         if unknown:
             raise TaskError(where, f"unknown field(s) {unknown}; known: {list(TASK_FIELDS)}")
         fields = dict(response)
     else:
         raise TaskError(where, f"must be a task name or an object, got {type(response).__name__}")
 
+    if fields.get("kind", "rollout") == "selfplay" or REGISTRY.get(fields.get("task"), {}).get("kind") == "selfplay":
+        return parse_selfplay(where, fields, defaults, limits)
+    if fields.get("kind", "rollout") != "rollout":
+        raise TaskError(f"{where}.kind", f"must be 'rollout' or 'selfplay', got {fields.get('kind')!r}")
+    fields.pop("kind", None)
     reference = fields.get("task", fields.get("env", defaults.get("task")))
     if reference is None:
         raise TaskError(where, "names no task: give 'task' (a registry name or 'gym:<EnvId>') or 'env'")
@@ -130,7 +172,10 @@ def parse_task(index: int, response: Any, defaults: Mapping[str, Any], limits: L
     else:
         raise TaskError(where, f"unknown task {reference!r}; known: {sorted(REGISTRY)} or 'gym:<EnvId>'")
 
-    merged = {**base, **{k: v for k, v in defaults.items() if k not in ("task", "max_workers")}}
+    merged = {**base, **{k: v for k, v in defaults.items() if k not in SELFPLAY_ONLY and k not in ("task", "max_workers")}}
+    stray = sorted(set(fields) & SELFPLAY_ONLY)
+    if stray:
+        raise TaskError(where, f"field(s) {stray} belong to selfplay tasks (set \"kind\": \"selfplay\")")
     merged.update({k: v for k, v in fields.items() if k != "task"})
     env = _gym_env_id(f"{where}.env", merged["env"])
 
@@ -169,3 +214,57 @@ def parse_task(index: int, response: Any, defaults: Mapping[str, Any], limits: L
         success_threshold=threshold,
         return_range=return_range, prompt=prompt,
     )
+
+
+_MODEL_NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
+
+
+def parse_selfplay(where: str, fields: dict[str, Any], defaults: Mapping[str, Any], limits: Limits) -> SelfPlayTask:
+    from pi0_reward_server.selfplay.games import DEFAULT_SIZES, GAMES, make_game
+
+    reference = fields.get("task")
+    base = dict(REGISTRY[reference]) if isinstance(reference, str) and reference in REGISTRY else {}
+    stray = sorted(set(fields) & ROLLOUT_ONLY)
+    if stray:
+        raise TaskError(where, f"field(s) {stray} do not apply to selfplay tasks")
+    merged = {**base, **{k: v for k, v in defaults.items() if k not in ROLLOUT_ONLY and k not in ("task", "max_workers")}}
+    merged.update({k: v for k, v in fields.items() if k not in ("task", "kind")})
+    game = merged.get("game")
+    if game not in GAMES:
+        raise TaskError(f"{where}.game", f"unknown game {game!r}; known: {sorted(GAMES)}")
+    rows = _int(f"{where}.rows", merged.get("rows", DEFAULT_SIZES[game][0]), 1, 64)
+    cols = _int(f"{where}.cols", merged.get("cols", DEFAULT_SIZES[game][1]), 1, 64)
+    try:
+        board = make_game(game, rows, cols)
+    except ValueError as exc:
+        raise TaskError(f"{where}.rows", str(exc)) from None
+    default_model = "connect4" if (game, rows, cols) == ("connect4", 6, 7) else board.name
+    model = merged.get("model", default_model)
+    if not isinstance(model, str) or not _MODEL_NAME.match(model):
+        raise TaskError(f"{where}.model", f"must be a hosted model's name, got {model!r}")
+    opponent = merged.get("opponent", "mcts")
+    if not isinstance(opponent, str) or not _MODEL_NAME.match(opponent):
+        raise TaskError(f"{where}.opponent", f"must be 'random', 'mcts' or a hosted model's name, got {opponent!r}")
+    mode = merged.get("mode", "match")
+    if mode not in ("match", "generate"):
+        raise TaskError(f"{where}.mode", f"must be 'match' or 'generate', got {mode!r}")
+    games = _int(f"{where}.games", merged.get("games", 8), 1, limits.max_games)
+    if mode == "match" and games % 2:
+        raise TaskError(f"{where}.games", f"a match needs an even number of games (each side moves first half the time), got {games}")
+    return SelfPlayTask(
+        name=str(reference or f"selfplay:{game}"), game=game, rows=rows, cols=cols, games=games,
+        simulations=_int(f"{where}.simulations", merged.get("simulations", 32), 1, limits.max_simulations),
+        opponent=opponent, model=model,
+        seed=_int(f"{where}.seed", merged.get("seed", limits.default_seed), 0, 2**31 - 1), mode=mode,
+        leaves_per_round=_int(f"{where}.leaves_per_round", merged.get("leaves_per_round", 8), 1, 64),
+        temperature_moves=_int(f"{where}.temperature_moves", merged.get("temperature_moves", 2 if mode == "match" else 8), 0, 1000),
+        c_puct=_positive(f"{where}.c_puct", merged.get("c_puct", 1.5)),
+        max_positions=_int(f"{where}.max_positions", merged.get("max_positions", limits.max_positions), 1, limits.max_positions),
+    )
+
+
+def _positive(field: str, value: Any) -> float:
+    number = _number(field, value)
+    if number <= 0 or number > 100:
+        raise TaskError(field, f"must be in (0, 100], got {value!r}")
+    return number

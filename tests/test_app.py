@@ -49,7 +49,7 @@ def make_app():
 def in_process_scores(tasks: list, kwargs: dict) -> list[float]:
     model = load_model("gpu_worker.models.cartpole:CartPolePolicy", None, device="cpu")
     parsed = [parse_task(i, t, kwargs, Limits()) for i, t in enumerate(tasks)]
-    results = run_tasks(parsed, lambda task: LocalPolicy({"cartpole": model}, "cartpole"), max_workers=2, failure_score=0.0)
+    results = run_tasks(parsed, lambda name: LocalPolicy({"cartpole": model}, "cartpole", name), max_workers=2, failure_score=0.0)
     assert all(r.error is None for r in results)
     return [r.score for r in results]
 

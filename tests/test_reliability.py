@@ -35,7 +35,7 @@ CARTPOLE_ARGS = ("--model", "cartpole=gpu_worker.models.cartpole:CartPolePolicy"
 def expected_scores(tasks: list) -> list[float]:
     model = load_model("gpu_worker.models.cartpole:CartPolePolicy", None, device="cpu")
     parsed = [parse_task(i, t, {}, Limits()) for i, t in enumerate(tasks)]
-    return [r.score for r in run_tasks(parsed, lambda t: LocalPolicy({"cartpole": model}, "cartpole"),
+    return [r.score for r in run_tasks(parsed, lambda name: LocalPolicy({"cartpole": model}, "cartpole", name),
                                        max_workers=4, failure_score=0.0)]
 
 
