@@ -11,6 +11,8 @@
 #   OMP_NUM_THREADS (CPU servers: default cores / servers)
 set -euo pipefail
 cd "$(dirname "$0")"
+# shellcheck source=scripts/pids.sh
+. scripts/pids.sh
 if [ -z "${PYTHON:-}" ]; then
   if [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
 fi
@@ -37,10 +39,6 @@ if [ "$kind" = CPU ] && [ -z "${OMP_NUM_THREADS:-}" ]; then
   threads_env=(OMP_NUM_THREADS=$share)
 fi
 
-is_ours() {  # PID is alive and is a gpu_worker
-  local pid=$1
-  [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null && tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q "gpu_worker"
-}
 
 port_free() {
   "$PYTHON" - "$HOST" "$1" <<'PY'
@@ -56,11 +54,14 @@ PY
 
 extra=()
 [ -n "${GPU_WORKER_CONFIG:-}" ] && extra+=(--config "$GPU_WORKER_CONFIG")
-# shellcheck disable=SC2206
-[ -n "${GPU_WORKER_ARGS:-}" ] && extra+=(${GPU_WORKER_ARGS})
+if [ -n "${GPU_WORKER_ARGS:-}" ]; then
+  read -r -a words <<<"$GPU_WORKER_ARGS"  # split on spaces, no glob expansion
+  extra+=("${words[@]}")
+fi
+probe_host=$HOST
+case "$HOST" in 0.0.0.0|::|"") probe_host=127.0.0.1 ;; esac
 
 ports=()
-started=()
 for ((i = 0; i < count; i++)); do
   port=$((BASE_PORT + i))
   pidfile="$RUN_DIR/pi0_gpu$i.pid"
@@ -79,15 +80,14 @@ for ((i = 0; i < count; i++)); do
   env "${threads_env[@]}" CUDA_VISIBLE_DEVICES=$devices PYTHONUNBUFFERED=1 setsid nohup "$PYTHON" -m gpu_worker \
     --host "$HOST" --port "$port" "${extra[@]}" >>"$log" 2>&1 </dev/null &
   echo $! >"$pidfile"
-  started+=("$i")
 done
 
 deadline=$((SECONDS + HEALTH_TIMEOUT_S))
-for i in "${started[@]}"; do
+for ((i = 0; i < count; i++)); do  # every server, also one found running but still loading
   port=$((BASE_PORT + i))
   pid=$(cat "$RUN_DIR/pi0_gpu$i.pid")
   until "$PYTHON" -c "import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=2)" \
-      "http://127.0.0.1:$port/healthz" >/dev/null 2>&1; do
+      "http://$probe_host:$port/healthz" >/dev/null 2>&1; do
     if ! kill -0 "$pid" 2>/dev/null; then
       echo "error: server $i (port $port) exited; last lines of $LOG_DIR/pi0_gpu$i.log:" >&2
       tail -n 20 "$LOG_DIR/pi0_gpu$i.log" >&2

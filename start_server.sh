@@ -24,9 +24,10 @@ if [ -z "${PYTHON:-}" ]; then
 fi
 HOST=${HOST:-0.0.0.0}
 PORT=${PORT:-6006}
-if [ -z "${GPU_PORTS:-}${MODEL_SERVERS:-}" ] && [ -f run/model_servers.env ]; then
+RUN_DIR=${RUN_DIR:-run}
+if [ -z "${GPU_PORTS:-}${MODEL_SERVERS:-}" ] && [ -f "$RUN_DIR/model_servers.env" ]; then
   # shellcheck disable=SC1091
-  . run/model_servers.env
+  . "$RUN_DIR/model_servers.env"
   export GPU_PORTS
 fi
 if [ "$check" = 1 ] && [ "${ALLOW_NO_MODEL_SERVERS:-0}" != 1 ]; then

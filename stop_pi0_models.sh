@@ -4,19 +4,12 @@
 # is gone, or is no longer a gpu_worker (the PID was reused), is removed without killing anything.
 set -euo pipefail
 cd "$(dirname "$0")"
+# shellcheck source=scripts/pids.sh
+. scripts/pids.sh
 RUN_DIR=${RUN_DIR:-run}
 STOP_GRACE_S=${STOP_GRACE_S:-30}
 
-is_ours() {
-  local pid=$1
-  [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null && tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q "gpu_worker"
-}
 
-alive() {  # running, and not a zombie waiting to be reaped
-  local state
-  state=$(sed -n 's/^[0-9]* (.*) \([A-Z]\).*/\1/p' "/proc/$1/stat" 2>/dev/null || true)
-  [ -n "$state" ] && [ "$state" != Z ] && [ "$state" != X ]
-}
 
 pids=()
 shopt -s nullglob

@@ -20,8 +20,8 @@ from werkzeug.exceptions import HTTPException
 
 from pi0_reward_server.client_pool import ClientPool
 from pi0_reward_server.config import AppConfig, load_config
-from pi0_reward_server.rollout import PoolPolicy, run_tasks
-from pi0_reward_server.tasks import Limits, TaskError, parse_task, validate_kwargs
+from pi0_reward_server.rollout import DeadlinePolicy, PoolPolicy, run_tasks
+from pi0_reward_server.tasks import Limits, TaskError, parse_task, task_work, validate_kwargs
 
 logger = logging.getLogger("pi0_reward_server")
 
@@ -106,7 +106,10 @@ def create_app(config: AppConfig | Mapping[str, Any] | None = None, *, pool: Cli
         return response
 
     def parse_body() -> tuple[list, dict[str, Any], int]:
-        body = request.get_json(silent=True, force=True)
+        try:
+            body = request.get_json(silent=True, force=True)
+        except RecursionError:
+            raise BadRequest("body", "JSON nests too deeply") from None
         if body is None:
             raise BadRequest("body", "must be a JSON object (Content-Type: application/json)")
         if not isinstance(body, dict):
@@ -139,6 +142,13 @@ def create_app(config: AppConfig | Mapping[str, Any] | None = None, *, pool: Cli
         try:
             responses, kwargs, max_workers = parse_body()
             tasks = [parse_task(i, response, kwargs, limits) for i, response in enumerate(responses)]
+            steps, simulations = (sum(w) for w in zip(*(task_work(t, limits) for t in tasks)))
+            if steps > settings.max_env_steps_per_request:
+                raise BadRequest("responses", f"asks for up to {steps} environment steps; at most "
+                                              f"{settings.max_env_steps_per_request} per request (split it)")
+            if simulations > settings.max_simulations_per_request:
+                raise BadRequest("responses", f"asks for up to {simulations} MCTS simulations; at most "
+                                              f"{settings.max_simulations_per_request} per request (split it)")
         except (BadRequest, TaskError) as exc:
             return jsonify(error=str(exc), field=exc.field), 400
         if not admission.acquire(len(tasks)):
@@ -152,8 +162,10 @@ def create_app(config: AppConfig | Mapping[str, Any] | None = None, *, pool: Cli
     def run_scoring(tasks: list, max_workers: int, started: float):
         if pool.healthy_servers == 0:
             return retry_later(503, "no model server is usable; see /pool_status")
+        deadline = started + settings.max_request_seconds
         results = run_tasks(
-            tasks, lambda model: PoolPolicy(pool, model), max_workers=max_workers, failure_score=settings.failure_score
+            tasks, lambda model: DeadlinePolicy(PoolPolicy(pool, model), deadline, settings.max_request_seconds),
+            max_workers=max_workers, failure_score=settings.failure_score,
         )
         failures = sum(r.error is not None for r in results)
         return jsonify(

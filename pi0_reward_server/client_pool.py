@@ -57,6 +57,17 @@ class InferenceFailed(PoolError):
     """Every attempt failed on a retryable error; the message holds the last one."""
 
 
+class RequestRejected(PoolError):
+    """The request itself was refused (too large, or its reply undecodable): retrying elsewhere would not help."""
+
+
+def _request_was_at_fault(exc: BaseException) -> bool:
+    if isinstance(exc, WireError):
+        return True
+    received = getattr(exc, "rcvd", None)
+    return isinstance(exc, websockets.ConnectionClosed) and received is not None and received.code == 1009
+
+
 def health_url(ws_url: str) -> str:
     parsed = urllib.parse.urlparse(ws_url)
     scheme = "https" if parsed.scheme == "wss" else "http"
@@ -215,6 +226,11 @@ class ClientPool:
                     server.opening -= 1
                 self._mark_down(server, f"connect failed: {type(exc).__name__}: {exc}")
                 continue
+            except BaseException:
+                with self._cond:
+                    server.opening -= 1
+                    self._cond.notify_all()
+                raise
             with self._cond:
                 server.opening -= 1
                 server.busy += 1
@@ -223,10 +239,11 @@ class ClientPool:
     def _release(self, server: _Server, conn: ModelClient, *, keep: bool) -> None:
         with self._cond:
             server.busy -= 1
-            if keep and server.state == UP and not self._closed:
+            if keep and server.state == UP and not self._closed and not getattr(conn, "broken", False):
                 server.idle.append(conn)
                 conn = None
-            self._cond.notify()
+            # Every waiter: one whose retry excludes this server must not swallow the only wake-up.
+            self._cond.notify_all()
         if conn is not None:
             _quiet_close(conn)
 
@@ -286,10 +303,16 @@ class ClientPool:
                 continue
             except _CONNECTION_ERRORS as exc:
                 self._release(server, conn, keep=False)
+                if _request_was_at_fault(exc):
+                    self._record_error(server, f"{type(exc).__name__}: {exc}")
+                    raise RequestRejected(f"{server.url} refused the request: {exc}") from exc
                 self._mark_down(server, f"{type(exc).__name__}: {exc}")
                 tried.add(server)
                 last_error = f"{server.url}: {type(exc).__name__}: {exc}"
                 continue
+            except BaseException:  # anything else (a value that cannot be packed, an interrupt): not the server's fault
+                self._release(server, conn, keep=False)
+                raise
             with self._cond:
                 server.requests += 1
                 server.latencies_ms.append((time.monotonic() - started) * 1000)
@@ -328,7 +351,7 @@ class ClientPool:
         except urllib.error.HTTPError as exc:
             # A WebSocket-only server with no /healthz answers 426 Upgrade Required: it is alive.
             return exc.code == 426
-        except (urllib.error.URLError, OSError, ValueError):
+        except Exception:  # noqa: BLE001 - anything that is not a 200 from /healthz (garbage, resets) is unhealthy
             return False
 
     def _try_bring_up(self, server: _Server) -> None:
@@ -366,13 +389,16 @@ class ClientPool:
             for server in list(self._servers):
                 if self._closed:
                     return
-                if server.state != UP and now >= server.next_check:
-                    self._try_bring_up(server)
-                elif server.state == UP and now - server.last_healthy_check >= self.health_interval_s:
-                    if self._healthy(server.url):
-                        server.last_healthy_check = time.monotonic()
-                    else:
-                        self._mark_down(server, "GET /healthz failed")
+                try:
+                    if server.state != UP and now >= server.next_check:
+                        self._try_bring_up(server)
+                    elif server.state == UP and now - server.last_healthy_check >= self.health_interval_s:
+                        if self._healthy(server.url):
+                            server.last_healthy_check = time.monotonic()
+                        else:
+                            self._mark_down(server, "GET /healthz failed")
+                except Exception:  # noqa: BLE001 - this thread must outlive any one server's oddities
+                    logger.error("health check of %s failed", server.url, exc_info=True)
             self._wake.wait(0.05)
             self._wake.clear()
 

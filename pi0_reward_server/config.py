@@ -41,6 +41,9 @@ class AppConfig:
     # Scoring
     max_workers_cap: int = 32
     max_inflight_tasks: int = 512  # per app process, over all requests; past it /score answers 429
+    max_env_steps_per_request: int = 5_000_000  # rollouts: sum of episodes x step limit
+    max_simulations_per_request: int = 20_000_000  # selfplay: sum of games x simulations x longest game
+    max_request_seconds: float = 1700.0  # tasks still running then fail (under gunicorn's 1800 s timeout)
     max_responses: int = 1024
     max_episodes_per_task: int = 1000
     max_steps_per_episode: int = 100_000
@@ -69,6 +72,8 @@ class AppConfig:
             ("retries", 0, 10),
             ("max_workers_cap", 1, 4096),
             ("max_inflight_tasks", 1, 10_000_000),
+            ("max_env_steps_per_request", 1, 10**12),
+            ("max_simulations_per_request", 1, 10**12),
             ("max_responses", 1, 1_000_000),
             ("max_episodes_per_task", 1, 1_000_000),
             ("max_steps_per_episode", 1, 100_000_000),
@@ -82,7 +87,7 @@ class AppConfig:
         if self.connections_per_server > self.max_connections_per_server:
             raise ConfigError("connections_per_server cannot exceed max_connections_per_server")
         for name in ("acquire_timeout_s", "request_timeout_s", "connect_timeout_s", "health_interval_s",
-                     "backoff_initial_s", "backoff_max_s"):
+                     "backoff_initial_s", "backoff_max_s", "max_request_seconds"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"{name} must be a positive number of seconds, got {value!r}")

@@ -68,6 +68,20 @@ class PoolPolicy:
         return actions, self.last_server
 
 
+class DeadlinePolicy:
+    """Fails a task's next network call once its request's time is up, so no request runs forever."""
+
+    def __init__(self, policy: BatchPolicy, deadline: float, budget_s: float) -> None:
+        self.policy = policy
+        self.deadline = deadline
+        self.budget_s = budget_s
+
+    def infer_batch(self, observations: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], str]:
+        if time.monotonic() > self.deadline:
+            raise TimeoutError(f"the request's time limit ({self.budget_s:g}s, max_request_seconds) ran out")
+        return self.policy.infer_batch(observations)
+
+
 class LocalPolicy:
     """A hosted-model stand-in running in this process, with the server's validation."""
 
@@ -111,6 +125,8 @@ def run_gym_task(task: RolloutTask, policy_for: PolicyFor) -> TaskResult:
                     frame["prompt"] = task.prompt
                 frames.append(frame)
             actions, server = policy.infer_batch(frames)
+            if len(actions) != len(frames):
+                raise RuntimeError(f"policy answered {len(actions)} actions for a batch of {len(frames)} observations")
             servers.add(server)
             still = []
             for i, reply in zip(live, actions):

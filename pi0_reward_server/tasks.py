@@ -155,7 +155,10 @@ def parse_task(index: int, response: Any, defaults: Mapping[str, Any], limits: L
     else:
         raise TaskError(where, f"must be a task name or an object, got {type(response).__name__}")
 
-    if fields.get("kind", "rollout") == "selfplay" or REGISTRY.get(fields.get("task"), {}).get("kind") == "selfplay":
+    task_name = fields.get("task")
+    if fields.get("kind", "rollout") == "selfplay" or (
+        isinstance(task_name, str) and REGISTRY.get(task_name, {}).get("kind") == "selfplay"
+    ):
         return parse_selfplay(where, fields, defaults, limits)
     if fields.get("kind", "rollout") != "rollout":
         raise TaskError(f"{where}.kind", f"must be 'rollout' or 'selfplay', got {fields.get('kind')!r}")
@@ -230,7 +233,7 @@ def parse_selfplay(where: str, fields: dict[str, Any], defaults: Mapping[str, An
     merged = {**base, **{k: v for k, v in defaults.items() if k not in ROLLOUT_ONLY and k not in ("task", "max_workers")}}
     merged.update({k: v for k, v in fields.items() if k not in ("task", "kind")})
     game = merged.get("game")
-    if game not in GAMES:
+    if not isinstance(game, str) or game not in GAMES:
         raise TaskError(f"{where}.game", f"unknown game {game!r}; known: {sorted(GAMES)}")
     rows = _int(f"{where}.rows", merged.get("rows", DEFAULT_SIZES[game][0]), 1, 64)
     cols = _int(f"{where}.cols", merged.get("cols", DEFAULT_SIZES[game][1]), 1, 64)
@@ -268,3 +271,16 @@ def _positive(field: str, value: Any) -> float:
     if number <= 0 or number > 100:
         raise TaskError(field, f"must be in (0, 100], got {value!r}")
     return number
+
+
+def task_work(task: RolloutTask | SelfPlayTask, limits: Limits) -> tuple[int, int]:
+    """An upper bound on (env steps, MCTS simulations) the task can cost."""
+    if isinstance(task, SelfPlayTask):
+        from pi0_reward_server.selfplay.games import make_game
+
+        longest = make_game(task.game, task.rows, task.cols).num_actions if task.game == "dots_boxes" else task.rows * task.cols
+        return 0, task.games * task.simulations * longest
+    import gymnasium
+
+    steps = task.max_steps or gymnasium.envs.registry[task.env].max_episode_steps or limits.max_steps
+    return task.episodes * min(steps, limits.max_steps), 0

@@ -5,9 +5,10 @@ cd "$(dirname "$0")/.."
 if [ -z "${PYTHON:-}" ]; then
   if [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
 fi
-if [ -z "${GPU_PORTS:-}${MODEL_SERVERS:-}" ] && [ -f run/model_servers.env ]; then
+RUN_DIR=${RUN_DIR:-run}
+if [ -z "${GPU_PORTS:-}${MODEL_SERVERS:-}" ] && [ -f "$RUN_DIR/model_servers.env" ]; then
   # shellcheck disable=SC1091
-  . run/model_servers.env && export GPU_PORTS
+  . "$RUN_DIR/model_servers.env" && export GPU_PORTS
 fi
 if ! "$PYTHON" -c "import pi0_reward_server" 2>/dev/null; then
   echo "FAIL  the project is not installed for $PYTHON"

@@ -12,9 +12,11 @@ export NUM_CPU_SERVERS=${NUM_CPU_SERVERS:-2}
 PORT=${PORT:-6006}
 
 APP_PID=
+OWN_SERVERS=1
+if compgen -G "run/pi0_gpu*.pid" >/dev/null; then OWN_SERVERS=0; fi  # servers already running are not ours to stop
 cleanup() {
   if [ -n "$APP_PID" ]; then kill -TERM "$APP_PID" 2>/dev/null || true; wait "$APP_PID" 2>/dev/null || true; fi
-  ./stop_pi0_models.sh >/dev/null || true
+  if [ "$OWN_SERVERS" = 1 ]; then ./stop_pi0_models.sh >/dev/null || true; fi
 }
 trap cleanup EXIT
 

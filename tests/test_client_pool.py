@@ -62,10 +62,17 @@ def test_concurrent_borrowers_never_share_a_connection(start_server, pools):
     in_use: set[int] = set()
     lock = threading.Lock()
     clashes: list[int] = []
+    failures: list[BaseException] = []
     n_threads = 12
     barrier = threading.Barrier(n_threads)
 
     def borrower(k: int) -> None:
+        try:
+            borrow(k)
+        except BaseException as exc:  # noqa: BLE001 - a thread's failure must fail the test
+            failures.append(exc)
+
+    def borrow(k: int) -> None:
         barrier.wait()
         for j in range(15):
             with pool.connection(timeout_s=30) as (url, conn):
@@ -83,6 +90,8 @@ def test_concurrent_borrowers_never_share_a_connection(start_server, pools):
         t.start()
     for t in threads:
         t.join(60)
+    assert not any(t.is_alive() for t in threads)
+    assert not failures, failures[:3]
     assert not clashes
     status = pool.status()
     assert all(s["idle_connections"] <= 4 for s in status["servers"])  # never more than the cap

@@ -41,6 +41,8 @@ class PolicyEvaluator:
         if self.model is not None:
             frames = [{**f, "__model__": self.model} for f in frames]
         replies, server = self.policy.infer_batch(frames)
+        if len(replies) != len(frames):
+            raise RuntimeError(f"network answered {len(replies)} evaluations for a batch of {len(frames)}")
         self.servers.add(server)
         self.calls += 1
         self.rows += len(frames)
