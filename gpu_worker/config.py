@@ -12,6 +12,8 @@ from typing import Any
 DEFAULT_MODELS = (
     "cartpole=gpu_worker.models.cartpole:CartPolePolicy",
     "libero_tiny=gpu_worker.models.libero_tiny:LiberoTinyPolicy",
+    "connect4=gpu_worker.models.selfplay_net:Connect4Net",
+    "dots_boxes_3x3=gpu_worker.models.selfplay_net:DotsBoxes3x3Net",
 )
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 _NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")

@@ -116,3 +116,17 @@ def test_bad_selfplay_specs_get_400(app_with_nets, spec, message):
     response = app_with_nets.test_client().post("/score", json={"responses": [spec]})
     assert response.status_code == 400
     assert message in response.get_json()["error"]
+
+
+def test_a_large_round_is_split_into_frames_a_server_accepts():
+    sizes = []
+
+    class Recording:
+        def infer_batch(self, frames):
+            sizes.append(len(frames))
+            return [{"policy_logits": np.zeros(7, np.float32), "value": np.float32(0.25)} for _ in frames], "fake"
+
+    evaluator = PolicyEvaluator(Recording(), max_rows_per_call=512)
+    legal = np.ones((1100, 7), bool)
+    priors, values = evaluator.evaluate(np.zeros((1100, 84), np.float32), legal)
+    assert sizes == [512, 512, 76] and priors.shape == (1100, 7) and np.allclose(values, 0.25)

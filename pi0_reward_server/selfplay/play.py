@@ -27,11 +27,15 @@ from pi0_reward_server.selfplay.mcts import Evaluator, MCTSConfig, choose_action
 
 
 class PolicyEvaluator:
-    """An MCTS evaluator backed by a served policy-value network."""
+    """An MCTS evaluator backed by a served policy-value network.
 
-    def __init__(self, policy, model: str | None = None) -> None:
+    A round larger than ``max_rows_per_call`` goes out as several batch frames,
+    so it stays within what a server accepts in one frame (its ``max_queue``)."""
+
+    def __init__(self, policy, model: str | None = None, *, max_rows_per_call: int = 512) -> None:
         self.policy = policy
         self.model = model
+        self.max_rows_per_call = max_rows_per_call
         self.servers: set[str] = set()
         self.calls = 0
         self.rows = 0
@@ -40,11 +44,15 @@ class PolicyEvaluator:
         frames = [{"observation/board": obs} for obs in observations]
         if self.model is not None:
             frames = [{**f, "__model__": self.model} for f in frames]
-        replies, server = self.policy.infer_batch(frames)
-        if len(replies) != len(frames):
-            raise RuntimeError(f"network answered {len(replies)} evaluations for a batch of {len(frames)}")
-        self.servers.add(server)
-        self.calls += 1
+        replies = []
+        for start in range(0, len(frames), self.max_rows_per_call):
+            chunk = frames[start : start + self.max_rows_per_call]
+            answered, server = self.policy.infer_batch(chunk)
+            if len(answered) != len(chunk):
+                raise RuntimeError(f"network answered {len(answered)} evaluations for a batch of {len(chunk)}")
+            replies.extend(answered)
+            self.servers.add(server)
+            self.calls += 1
         self.rows += len(frames)
         logits = np.stack([np.asarray(r["policy_logits"], dtype=np.float64) for r in replies])
         values = np.array([float(r["value"]) for r in replies])
