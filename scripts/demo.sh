@@ -31,7 +31,7 @@ for _ in $(seq 1 300); do
 done
 echo "reward app ready on http://127.0.0.1:$PORT (log: logs/reward_app.log)"
 .venv/bin/python example_client.py --url "http://127.0.0.1:$PORT" \
-  --tasks cartpole cartpole_short gym:CartPole-v1 --repeat 2 --per-request 3 --max-workers 2 "$@"
+  --tasks cartpole cartpole_short gym:CartPole-v1 connect4_match dots_boxes_match --repeat 2 --per-request 5 --max-workers 2 "$@"
 echo
 echo "pool status:"
 .venv/bin/python -c "import json, sys, urllib.request; s = json.load(urllib.request.urlopen(sys.argv[1])); \
