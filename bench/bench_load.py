@@ -17,7 +17,6 @@ import json
 import os
 import pathlib
 import re
-import subprocess
 import sys
 import threading
 import time
@@ -28,6 +27,7 @@ import numpy as np
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from benchlib import start_reward_app, write_results  # noqa: E402
 from gpu_worker.client import ModelClient  # noqa: E402
 from gpu_worker.config import ModelConfig, ServerConfig  # noqa: E402
 from gpu_worker.launch import start_server_process  # noqa: E402
@@ -114,29 +114,9 @@ def main() -> int:
     threads = str(max(1, (os.cpu_count() or 2) // 2))
     servers = [start_server_process(ServerConfig(port=0, models=(cartpole,), log_level="WARNING"),
                                     env={"OMP_NUM_THREADS": threads}) for _ in range(2)]
-    env = {**os.environ, "MODEL_SERVERS": ",".join(s.url for s in servers), "GUNICORN_BIND": "127.0.0.1:0",
-           "GUNICORN_WORKERS": "1", "GUNICORN_THREADS": str(max(8, args.clients)), "REWARD_LOG_LEVEL": "WARNING"}
-    app = subprocess.Popen(
-        [sys.executable, "-m", "gunicorn", "-c", "pi0_reward_server/gunicorn_config.py", "--access-logfile", "/dev/null",
-         "pi0_reward_server.app:create_app()"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-        text=True)
+    app, base = start_reward_app([s.url for s in servers], threads=max(8, args.clients))
     results: dict = {"date": time.strftime("%Y-%m-%d"), "cpu_cores": os.cpu_count(), "phases": []}
     try:
-        port = None
-        for line in app.stderr:
-            match = re.search(r"Listening at: http://127\.0\.0\.1:(\d+)", line)
-            if match:
-                port = int(match.group(1))
-                break
-        threading.Thread(target=lambda: [None for _ in app.stderr], daemon=True).start()
-        base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if json.load(urllib.request.urlopen(f"{base}/health", timeout=2))["model_servers_up"] == 2:
-                    break
-            except (urllib.error.URLError, OSError):
-                time.sleep(0.2)
         body = json.dumps({"responses": [{"task": "cartpole", "max_steps": 20, "success_threshold": 20}],
                            "reward_function_kwargs": {"episodes": 2}}).encode()
 
@@ -177,10 +157,7 @@ def main() -> int:
     for p in results["phases"]:
         print(f"  {p['name']:<42} {p['requests']:9d} {p['errors']:7d} {p['requests_per_s']:8.1f} {p['p50_ms']:8.2f} "
               f"{p['p99_ms']:8.2f}  {p['rss_mb_start']:.0f} -> {p['rss_mb_end']:.0f} ({p['rss_growth_pct']:+.1f}%)")
-    out = pathlib.Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"\nwrote {out}")
+    write_results(args.out, results)
     return 0
 
 

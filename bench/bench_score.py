@@ -23,17 +23,14 @@ import argparse
 import json
 import os
 import pathlib
-import re
-import socket
 import statistics
-import subprocess
 import sys
-import threading
 import time
 import urllib.request
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from benchlib import start_reward_app, write_results  # noqa: E402
 from gpu_worker.config import ModelConfig, ServerConfig  # noqa: E402
 from gpu_worker.launch import start_server_process  # noqa: E402
 from pi0_reward_server.client_pool import ClientPool  # noqa: E402
@@ -45,37 +42,6 @@ CARTPOLE = ModelConfig.parse("cartpole=gpu_worker.models.cartpole:CartPolePolicy
 
 def short_task(i: int, steps: int) -> dict:
     return {"task": "cartpole", "max_steps": steps, "episodes": 1, "seed": i, "success_threshold": steps}
-
-
-def start_app(urls: list[str]) -> tuple[subprocess.Popen, str]:
-    env = {**os.environ, "MODEL_SERVERS": ",".join(urls), "GUNICORN_BIND": "127.0.0.1:0", "GUNICORN_WORKERS": "1",
-           "GUNICORN_THREADS": "8", "REWARD_LOG_LEVEL": "WARNING"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "gunicorn", "-c", "pi0_reward_server/gunicorn_config.py",
-         "--access-logfile", "/dev/null", "pi0_reward_server.app:create_app()"],
-        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    )
-    port = None
-    for line in proc.stderr:
-        match = re.search(r"Listening at: http://127\.0\.0\.1:(\d+)", line)
-        if match:
-            port = int(match.group(1))
-            break
-    if port is None:
-        raise RuntimeError("gunicorn did not start")
-    # Keep draining its log so it never blocks on a full pipe.
-    threading.Thread(target=lambda: [None for _ in proc.stderr], daemon=True).start()
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(f"{base}/health", timeout=2) as response:
-                if response.status == 200 and json.loads(response.read())["model_servers_up"] == len(urls):
-                    return proc, base
-        except OSError:
-            pass
-        time.sleep(0.2)
-    raise RuntimeError("reward app never became healthy")
 
 
 def post_score(base: str, responses: list, kwargs: dict) -> tuple[float, dict]:
@@ -131,7 +97,7 @@ def main() -> int:
                      "cpu_cores": os.cpu_count(), "date": time.strftime("%Y-%m-%d"), "points": []}
     try:
         for n_servers in (1, 2):
-            app, base = start_app(urls[:n_servers])
+            app, base = start_reward_app(urls[:n_servers])
             try:
                 post_score(base, responses[:4], {"max_workers": 1})  # warm
                 for w in workers:
@@ -168,10 +134,7 @@ def main() -> int:
     print(f"\nReward layer's own cost ({layer['tasks']} one-step tasks, 2 servers, max_workers {layer['max_workers']}, "
           f"{layer['repeats']} paired runs): {layer['ms_per_task_median']:.3f} ms/task "
           f"(paired differences {layer['ms_per_task_min']:.3f} to {layer['ms_per_task_max']:.3f})")
-    out = pathlib.Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"\nwrote {out}")
+    write_results(args.out, results)
     return 0
 
 

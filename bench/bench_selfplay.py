@@ -17,7 +17,6 @@ table and writes JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import pathlib
 import sys
@@ -27,6 +26,7 @@ import numpy as np
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from benchlib import write_results  # noqa: E402
 from gpu_worker.config import ModelConfig, ServerConfig  # noqa: E402
 from gpu_worker.launch import start_server_process  # noqa: E402
 from pi0_reward_server.client_pool import ClientPool  # noqa: E402
@@ -102,10 +102,7 @@ def main() -> int:
     for g, p in results["batched"].items():
         print(f"  batched, G = {g:>3} games, {args.leaves_per_round} leaves/tree  {p['simulations_per_s']:9.0f} sims/s   "
               f"batch {p['mean_batch_rows']:6.1f}   {p['speedup_vs_naive']:5.1f}x")
-    out = pathlib.Path(args.out or ROOT / "bench" / "results" / f"selfplay_{args.device.split(':')[0]}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"\nwrote {out}")
+    write_results(args.out or ROOT / "bench" / "results" / f"selfplay_{args.device.split(':')[0]}.json", results)
     return 0
 
 

@@ -119,8 +119,8 @@ def _check_int(name: str, value: Any, low: int, high: int) -> None:
 _FIELDS = {f.name for f in dataclasses.fields(ServerConfig)}
 
 
-def load_config_file(path: str | pathlib.Path) -> dict[str, Any]:
-    """Read a TOML (``.toml``) or JSON file into ServerConfig keyword arguments."""
+def read_config_table(path: str | pathlib.Path) -> dict[str, Any]:
+    """A TOML file (JSON when it ends in ``.json``) holding a table; errors name the file and the problem."""
     path = pathlib.Path(path)
     try:
         text = path.read_text()
@@ -132,6 +132,12 @@ def load_config_file(path: str | pathlib.Path) -> dict[str, Any]:
         raise ConfigError(f"config file {str(path)!r} is not valid {'JSON' if path.suffix == '.json' else 'TOML'}: {exc}") from exc
     if not isinstance(raw, dict):
         raise ConfigError(f"config file {str(path)!r} must hold a table/map at the top level")
+    return raw
+
+
+def load_config_file(path: str | pathlib.Path) -> dict[str, Any]:
+    """Read a TOML (``.toml``) or JSON file into ServerConfig keyword arguments."""
+    raw = read_config_table(path)
     unknown = sorted(set(raw) - _FIELDS)
     if unknown:
         raise ConfigError(f"config file {str(path)!r}: unknown option(s) {unknown}; known: {sorted(_FIELDS)}")

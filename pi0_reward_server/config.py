@@ -12,16 +12,13 @@ token comes from ``REWARD_SERVER_TOKEN``, the model servers' API key from
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
-import pathlib
-import tomllib
 import urllib.parse
 from typing import Any, Mapping
 
+from gpu_worker.config import ConfigError, read_config_table
 
-class ConfigError(ValueError):
-    """A configuration value a user must fix; the message names it."""
+__all__ = ["AppConfig", "ConfigError", "load_config"]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -121,21 +118,6 @@ def _coerce(name: str, text: str) -> Any:
     return text
 
 
-def from_file(path: str | pathlib.Path) -> dict[str, Any]:
-    path = pathlib.Path(path)
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise ConfigError(f"cannot read config file {str(path)!r}: {exc.strerror}") from exc
-    try:
-        data = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
-    except (ValueError, tomllib.TOMLDecodeError) as exc:
-        raise ConfigError(f"config file {str(path)!r} is not valid: {exc}") from exc
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file {str(path)!r} must hold a table at the top level")
-    return data
-
-
 def from_env(environ: Mapping[str, str]) -> dict[str, Any]:
     values: dict[str, Any] = {}
     for name in FIELDS:
@@ -162,7 +144,7 @@ def load_config(overrides: Mapping[str, Any] | None = None, environ: Mapping[str
     environ = os.environ if environ is None else environ
     values: dict[str, Any] = {}
     if environ.get("REWARD_CONFIG"):
-        values.update(from_file(environ["REWARD_CONFIG"]))
+        values.update(read_config_table(environ["REWARD_CONFIG"]))
     values.update(from_env(environ))
     values.update(overrides or {})
     unknown = sorted(set(values) - set(FIELDS))

@@ -14,7 +14,6 @@ import urllib.request
 import pytest
 
 from conftest import ROOT
-from gpu_worker.config import ServerConfig
 from gpu_worker.model import load_model
 from pi0_reward_server.app import create_app
 from pi0_reward_server.rollout import LocalPolicy, run_tasks

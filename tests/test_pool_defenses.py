@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 
 from conftest import affine
-from gpu_worker.client import ModelClient
 from pi0_reward_server.app import create_app
 from pi0_reward_server.client_pool import ClientPool, RequestRejected
 
