@@ -9,6 +9,7 @@ so no socket or thread crosses a fork.
 
 from __future__ import annotations
 
+import atexit
 import hmac
 import logging
 import threading
@@ -92,7 +93,9 @@ def create_app(config: AppConfig | Mapping[str, Any] | None = None, *, pool: Cli
 
         with runners_lock:
             if not runners:
-                runners.append(ProcessRunner(settings.model_servers, pool_options, settings.libero_processes))
+                runner = ProcessRunner(settings.model_servers, pool_options, settings.libero_processes)
+                atexit.register(runner.close)  # workers also exit by themselves if this process dies
+                runners.append(runner)
             return runners[0]
 
     app.extensions["libero_runners"] = runners
@@ -179,7 +182,8 @@ def create_app(config: AppConfig | Mapping[str, Any] | None = None, *, pool: Cli
         offload = None
         if settings.libero_execution == "process" and any(t.backend == "libero" for t in tasks):
             runner = libero_runner()
-            offload = lambda task: runner.run(task, deadline - time.monotonic(), settings.failure_score)  # noqa: E731
+            offload = lambda task: runner.run(task, deadline, settings.max_request_seconds,  # noqa: E731
+                                              settings.failure_score)
         results = run_tasks(
             tasks, lambda model: DeadlinePolicy(PoolPolicy(pool, model), deadline, settings.max_request_seconds),
             max_workers=max_workers, failure_score=settings.failure_score, offload=offload,

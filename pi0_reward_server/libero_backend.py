@@ -55,6 +55,14 @@ class PolicyFailure(RuntimeError):
     """The policy could not answer (or answered nonsense): the task fails, not just the episode."""
 
 
+class EpisodeError(RuntimeError):
+    """The simulator raised during an episode; ``steps`` says how far it got."""
+
+    def __init__(self, steps: int, cause: BaseException) -> None:
+        super().__init__(f"{type(cause).__name__}: {cause}")
+        self.steps = steps
+
+
 def available() -> bool:
     return importlib.util.find_spec("libero") is not None
 
@@ -172,39 +180,49 @@ def load_task(suite: str, task_id: int):
     return task, task_suite.get_task_init_states(task_id), bddl
 
 
-def make_env(bddl: str, seed: int):
+def make_env(bddl: str, seed: int, horizon: int = 1000):
+    """``horizon`` must exceed the episode's steps: robosuite refuses to step past it."""
     from libero.libero.envs import OffScreenRenderEnv
 
-    env = OffScreenRenderEnv(bddl_file_name=bddl, camera_heights=ENV_RESOLUTION, camera_widths=ENV_RESOLUTION)
+    env = OffScreenRenderEnv(bddl_file_name=bddl, camera_heights=ENV_RESOLUTION, camera_widths=ENV_RESOLUTION,
+                             horizon=max(1000, horizon))
     env.seed(seed)
     return env
 
 
 def run_episode(env, init_state: np.ndarray, prompt: str, infer: Callable[[dict], np.ndarray], *,
                 max_steps: int, replan_steps: int) -> tuple[bool, int]:
-    """One episode, openpi's loop: (success, env steps taken)."""
-    env.reset()
-    obs = env.set_init_state(init_state)
-    plan: list[np.ndarray] = []
+    """One episode, openpi's loop: (success, env steps taken).
+
+    A policy problem raises :class:`PolicyFailure`; a simulator problem raises
+    :class:`EpisodeError` carrying the steps taken so far."""
     t = 0
-    while t < max_steps + SETTLE_STEPS:
-        if t < SETTLE_STEPS:  # objects fall into place first
-            obs, _, done, _ = env.step(DUMMY_ACTION)
+    try:
+        env.reset()
+        obs = env.set_init_state(init_state)
+        plan: list[np.ndarray] = []
+        while t < max_steps + SETTLE_STEPS:
+            if t < SETTLE_STEPS:  # objects fall into place first
+                obs, _, done, _ = env.step(DUMMY_ACTION)
+                t += 1
+                continue
+            if not plan:
+                chunk = infer(observation(obs, prompt))
+                if chunk.ndim != 2 or chunk.shape[1] != 7 or len(chunk) < replan_steps:
+                    raise PolicyFailure(f"policy returned actions of shape {chunk.shape}; need (>= {replan_steps}, 7)")
+                plan = list(chunk[:replan_steps])
+            obs, _, done, _ = env.step(plan.pop(0).tolist())
             t += 1
-            continue
-        if not plan:
-            chunk = np.asarray(infer(observation(obs, prompt)), dtype=np.float64)
-            if chunk.ndim != 2 or chunk.shape[1] != 7 or len(chunk) < replan_steps:
-                raise PolicyFailure(f"policy returned actions of shape {chunk.shape}; need (>= {replan_steps}, 7)")
-            plan = list(chunk[:replan_steps])
-        obs, _, done, _ = env.step(plan.pop(0).tolist())
-        t += 1
-        if done:
-            return True, t
-    return False, t
+            if done:
+                return True, t
+        return False, t
+    except PolicyFailure:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the simulator raised: openpi counts a failed episode
+        raise EpisodeError(t, exc) from exc
 
 
-def run_libero_task(task: LiberoTask, policy_for, env_factory: Callable[[str, int], Any] | None = None) -> Any:
+def run_libero_task(task: LiberoTask, policy_for, env_factory: Callable[..., Any] | None = None) -> Any:
     from pi0_reward_server.rollout import TaskResult
 
     started = time.monotonic()
@@ -214,15 +232,17 @@ def run_libero_task(task: LiberoTask, policy_for, env_factory: Callable[[str, in
     def infer(obs: dict) -> np.ndarray:
         try:
             replies, server = policy.infer_batch([obs])
+            actions = np.asarray(replies[0]["actions"], dtype=np.float64)
         except Exception as exc:
             raise PolicyFailure(f"{type(exc).__name__}: {exc}") from exc
         servers.add(server)
-        return replies[0]["actions"]
+        return actions
 
     libero_task, init_states, bddl = load_task(task.suite, task.task_id)
     prompt = task.prompt if task.prompt is not None else str(libero_task.language)
+    horizon = task.step_limit + SETTLE_STEPS + 10
     cached = env_factory is not None
-    env = (env_factory or make_env)(bddl, task.seed)  # built once, reused across the task's episodes
+    env = (env_factory or make_env)(bddl, task.seed, horizon)  # built once, reused across the task's episodes
     successes, steps, errors = 0, 0, []
     try:
         for i in range(task.episodes):
@@ -230,11 +250,9 @@ def run_libero_task(task: LiberoTask, policy_for, env_factory: Callable[[str, in
             try:
                 success, taken = run_episode(env, init_states[index], prompt, infer,
                                              max_steps=task.step_limit, replan_steps=task.replan_steps)
-            except PolicyFailure:
-                raise  # the task fails with the failure score
-            except Exception as exc:  # noqa: BLE001 - the simulator raised: openpi counts a failed episode
-                success, taken = False, 0
-                errors.append(f"episode {i} (init state {index}): {type(exc).__name__}: {exc}")
+            except EpisodeError as exc:
+                success, taken = False, exc.steps
+                errors.append(f"episode {i} (init state {index}): {exc}")
             successes += success
             steps += taken
     finally:
@@ -255,51 +273,102 @@ _worker_pool = None
 _cached_env: tuple[str, Any] | None = None
 
 
-def _init_worker(urls: list[str], pool_options: dict[str, Any]) -> None:
+def _exit_with_parent(parent: int) -> None:
+    """A worker whose app process died (SIGKILL included) must not live on holding ~2 GB."""
+    import threading
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+def _init_worker(urls: list[str], pool_options: dict[str, Any], parent: int) -> None:
     global _worker_pool
     from pi0_reward_server.client_pool import ClientPool
 
+    _exit_with_parent(parent)
     render_check()
     _worker_pool = ClientPool(urls, **pool_options).start(wait_s=pool_options.get("connect_timeout_s", 5))
 
 
-def _cached_make_env(bddl: str, seed: int):
+def _cached_make_env(bddl: str, seed: int, horizon: int):
     """One environment kept per worker process: building one costs seconds and ~1.6 GB."""
     global _cached_env
-    if _cached_env is not None and _cached_env[0] == bddl:
+    key = f"{bddl}@{max(1000, horizon)}"
+    if _cached_env is not None and _cached_env[0] == key:
         env = _cached_env[1]
         env.seed(seed)  # a hard reset rebuilds the scene from the seeded RNG: as good as a fresh env
         return env
     if _cached_env is not None:
         _cached_env[1].close()
         _cached_env = None
-    env = make_env(bddl, seed)
-    _cached_env = (bddl, env)
+    env = make_env(bddl, seed, horizon)
+    _cached_env = (key, env)
     return env
 
 
-def _run_in_worker(task: LiberoTask, seconds_left: float, failure_score: float):
+def _run_in_worker(task: LiberoTask, deadline: float, budget_s: float, failure_score: float):
+    """``deadline`` is on time.monotonic(), which Linux keeps system-wide, so it means the same here."""
     from pi0_reward_server.rollout import DeadlinePolicy, PoolPolicy, run_task
 
-    deadline = time.monotonic() + seconds_left
-    return run_task(task, lambda model: DeadlinePolicy(PoolPolicy(_worker_pool, model), deadline, seconds_left),
+    return run_task(task, lambda model: DeadlinePolicy(PoolPolicy(_worker_pool, model), deadline, budget_s),
                     failure_score, env_factory=_cached_make_env)
 
 
 class ProcessRunner:
-    """Runs LIBERO tasks in ``processes`` spawned workers (never forked: the app may hold threads and sockets)."""
+    """Runs LIBERO tasks in ``processes`` spawned workers (never forked: the app may hold threads and sockets).
+
+    A worker that dies (out of memory, a simulator crash) or outlives the request's deadline is
+    replaced, so one bad episode never disables LIBERO for the process.
+    """
+
+    GRACE_S = 30.0  # beyond the deadline, for a worker to notice it and answer
 
     def __init__(self, urls: list[str], pool_options: dict[str, Any], processes: int) -> None:
+        import threading
+
+        self._args = (list(urls), dict(pool_options), os.getpid())
+        self._processes = processes
+        self._lock = threading.Lock()
+        self._executor = self._new_executor()
+
+    def _new_executor(self):
         import concurrent.futures
         import multiprocessing
 
-        self._executor = concurrent.futures.ProcessPoolExecutor(
-            max_workers=processes, mp_context=multiprocessing.get_context("spawn"),
-            initializer=_init_worker, initargs=(list(urls), dict(pool_options)),
+        return concurrent.futures.ProcessPoolExecutor(
+            max_workers=self._processes, mp_context=multiprocessing.get_context("spawn"),
+            initializer=_init_worker, initargs=self._args,
         )
 
-    def run(self, task: LiberoTask, seconds_left: float, failure_score: float):
-        return self._executor.submit(_run_in_worker, task, seconds_left, failure_score).result()
+    def _replace(self, broken) -> None:
+        with self._lock:
+            if self._executor is broken:
+                for process in list(getattr(broken, "_processes", {}).values()):
+                    process.kill()  # a hung worker will not stop by itself
+                broken.shutdown(wait=False, cancel_futures=True)
+                self._executor = self._new_executor()
+
+    def run(self, task: LiberoTask, deadline: float, budget_s: float, failure_score: float):
+        import concurrent.futures
+        from concurrent.futures.process import BrokenProcessPool
+
+        for attempt in range(2):
+            executor = self._executor
+            try:
+                future = executor.submit(_run_in_worker, task, deadline, budget_s, failure_score)
+                return future.result(timeout=max(0.0, deadline - time.monotonic()) + self.GRACE_S)
+            except BrokenProcessPool:
+                self._replace(executor)
+                if attempt:
+                    raise
+            except concurrent.futures.TimeoutError:
+                self._replace(executor)
+                raise TimeoutError(f"LIBERO worker still busy past the request's time limit ({budget_s:g}s)") from None
+        raise AssertionError("unreachable")
 
     def close(self) -> None:
-        self._executor.shutdown(wait=True, cancel_futures=True)
+        self._executor.shutdown(wait=False, cancel_futures=True)

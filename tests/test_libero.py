@@ -138,3 +138,22 @@ def test_score_libero_end_to_end(start_server, execution):
         app.extensions["client_pool"].close()
         for runner in app.extensions["libero_runners"]:
             runner.close()
+
+
+def test_a_dead_worker_process_is_replaced(start_server):
+    server = start_server(models=(LIBERO_TINY,), log_level="WARNING")
+    runner = libero_backend.ProcessRunner([server.url], {"connections_per_server": 1}, processes=1)
+    task = libero_backend.LiberoTask(name="t", suite="libero_spatial", task_id=0, episodes=1, seed=7, init_state=0,
+                                     max_steps=1, prompt=None, model="libero_tiny")
+    try:
+        import time
+
+        first = runner.run(task, time.monotonic() + 300, 300, 0.0)
+        assert first.error is None and first.steps == libero_backend.SETTLE_STEPS + 1
+        for process in list(runner._executor._processes.values()):
+            process.kill()  # as the OOM killer would
+            process.join(10)
+        second = runner.run(task, time.monotonic() + 300, 300, 0.0)
+        assert second.error is None and second.steps == libero_backend.SETTLE_STEPS + 1
+    finally:
+        runner.close()

@@ -177,5 +177,14 @@ def test_virtual_loss_batches_spread_over_different_leaves():
     assert calls[0] == 3  # the three roots, in one call
     # Round 1: 8 selections per tree reach its 7 distinct children (the 8th would repeat one): 21 leaves.
     # Round 2: the children are expanded, so all 8 selections find distinct grandchildren: 24.
-    assert calls[1:] == [3 * 7, 3 * 8]
-    assert all(v.sum() == 16 - 1 for v in visits)  # the repeated selection gave its slot up
+    # Round 3: the one simulation the collision did not complete.
+    assert calls[1:] == [3 * 7, 3 * 8, 3 * 1]
+    assert all(v.sum() == 16 for v in visits)  # collisions are retried: every simulation is done
+
+
+@pytest.mark.parametrize("game_name, leaves", [("connect4", 32), ("connect4", 64), ("dots_boxes", 32)])
+def test_every_requested_simulation_is_run_even_with_wide_rounds(game_name, leaves):
+    game = make_game(game_name)
+    config = MCTSConfig(simulations=leaves, leaves_per_round=leaves)
+    visits = search(game, [game.initial_state()], UniformEvaluator(), config, np.random.default_rng(0), add_noise=False)
+    assert visits[0].sum() == leaves

@@ -137,13 +137,12 @@ def search(
             noise[legal] = rng.dirichlet([alpha] * len(legal))
             root.P = (1 - config.dirichlet_weight) * root.P + config.dirichlet_weight * noise
     vl = config.virtual_loss
-    done = 0
-    while done < config.simulations:
-        k = min(config.leaves_per_round, config.simulations - done)
+    done = [0] * len(roots)  # completed simulations per tree; a collision does not count
+    while min(done) < config.simulations:
         pending: list[tuple[list[tuple[Node, int]], Node]] = []
-        for root in roots:
+        for t, root in enumerate(roots):
             chosen: set[int] = set()
-            for _ in range(k):
+            for _ in range(min(config.leaves_per_round, config.simulations - done[t])):
                 node, path = root, []
                 while node.expanded and not node.terminal:
                     action = node.select(config.c_puct)
@@ -156,18 +155,20 @@ def search(
                     node = child
                 if node.terminal:
                     _backup(path, node.to_play, node.value, vl)
-                elif id(node) in chosen:  # this round already waits on that leaf: give the slot up
+                    done[t] += 1
+                elif id(node) in chosen:  # this round already waits on that leaf: try again next round
                     for parent, action in path:
                         parent.N[action] -= vl
                         parent.W[action] += vl
                 else:
                     chosen.add(id(node))
                     pending.append((path, node))
+                    done[t] += 1
+        # Each tree's first selection of a round never collides, so every round makes progress.
         if pending:
             values = _evaluate_and_expand(game, evaluator, [leaf for _, leaf in pending])
             for (path, leaf), value in zip(pending, values):
                 _backup(path, leaf.to_play, float(value), vl)
-        done += k
     return [root.N.copy() for root in roots]
 
 
