@@ -72,7 +72,11 @@ class CliServer:
             [sys.executable, "-m", "gpu_worker", "--port", "0", *args],
             stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT, env=full_env,
         )
-        self.port = self._wait_for_port()
+        try:
+            self.port = self._wait_for_port()
+        except BaseException:
+            self.stop()  # never leave a server behind when it fails to come up
+            raise
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
