@@ -47,6 +47,25 @@ class ModelClient:
             self._ws = connect(url, **options)
         self.metadata: dict[str, Any] = wire.unpackb(self._ws.recv(timeout=open_timeout))
 
+    @property
+    def explicit_batch(self) -> bool:
+        """Whether the server announced that it answers a list of observations with a list of
+        actions (gpu_worker does). openpi's server takes exactly one observation map per frame."""
+        server = self.metadata.get("server") if isinstance(self.metadata, dict) else None
+        return isinstance(server, dict) and server.get("explicit_batch") is True
+
+    @property
+    def selects_models(self) -> bool:
+        """Whether the server hosts several models chosen per request by ``__model__``. A server that
+        does not say so serves one policy, and the key would only reach that policy as an input."""
+        return self.explicit_batch and isinstance(self.metadata.get("models"), dict)
+
+    @property
+    def server_name(self) -> str:
+        server = self.metadata.get("server") if isinstance(self.metadata, dict) else None
+        name = server.get("name") if isinstance(server, dict) else None
+        return name if isinstance(name, str) else "openpi-compatible"
+
     def _exchange(self, frame: bytes | str) -> bytes | str:
         """Send one frame, receive its reply. Any failure in between closes the
         connection: a reply that arrives late must never answer the next request."""

@@ -16,12 +16,19 @@ Rules it keeps:
 * :meth:`ClientPool.infer` retries on another server when the first one died,
   timed out, was overloaded or is shutting down, so a task's result is
   neither lost nor duplicated; a request the server rejects as bad (or a model
-  exception) is not retried.
+  exception) is not retried;
+* what a server can do is read from its metadata frame. A server that announces
+  ``explicit_batch`` (gpu_worker) gets a step's observations as one list frame;
+  any other (openpi's ``WebsocketPolicyServer``) gets exactly one observation
+  map per frame, and :meth:`ClientPool.infer_batch` spreads the maps over
+  several connections and servers at once. ``__model__`` goes only to servers
+  that announce model selection; one that does not serves its one policy.
 """
 
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import contextlib
 import dataclasses
 import logging
@@ -61,6 +68,10 @@ class RequestRejected(PoolError):
     """The request itself was refused (too large, or its reply undecodable): retrying elsewhere would not help."""
 
 
+class _OneMapPerFrame(Exception):
+    """The borrowed connection's server takes one observation map per frame: split the batch."""
+
+
 def _request_was_at_fault(exc: BaseException) -> bool:
     if isinstance(exc, WireError):
         return True
@@ -89,6 +100,8 @@ class _Server:
     backoff_s: float = 0.0
     next_check: float = 0.0
     last_healthy_check: float = 0.0
+    kind: str | None = None  # from the metadata frame: "gpu_worker", or "openpi-compatible"
+    explicit_batch: bool | None = None  # None until a connection has read the metadata
 
     @property
     def load(self) -> int:
@@ -133,6 +146,7 @@ class ClientPool:
         self._api_key = api_key
         self._client_factory = client_factory
         self._cond = threading.Condition()
+        self._fanout: concurrent.futures.ThreadPoolExecutor | None = None
         self._closed = False
         self._wake = threading.Event()
         self._thread = threading.Thread(target=self._maintain, name="client-pool-health", daemon=True)
@@ -165,6 +179,8 @@ class ClientPool:
         self._wake.set()
         for conn in to_close:
             _quiet_close(conn)
+        if self._fanout is not None:
+            self._fanout.shutdown(wait=False, cancel_futures=True)
         if self._thread.is_alive():
             self._thread.join(5)
 
@@ -184,19 +200,23 @@ class ClientPool:
         options: dict[str, Any] = {"open_timeout": self.connect_timeout_s, "timeout": self.request_timeout_s}
         if self._api_key:
             options["api_key"] = self._api_key
-        return self._client_factory(server.url, **options)
+        conn = self._client_factory(server.url, **options)
+        server.kind = getattr(conn, "server_name", None)
+        server.explicit_batch = bool(getattr(conn, "explicit_batch", False))
+        return conn
 
-    def _pick(self, exclude: set[_Server], prefer: str | None) -> _Server | None:
+    def _pick(self, exclude: set[_Server], prefer: str | None, batch: bool = False) -> _Server | None:
         up = [s for s in self._servers if s.state == UP]
         candidates = [s for s in up if s not in exclude] or up
         usable = [s for s in candidates if s.idle or s.connections < self.max_connections_per_server]
         if not usable:
             return None
-        # Least loaded first; on a tie stay where the caller was (a warm server), then the one that served fewest.
-        return min(usable, key=lambda s: (s.load, s.url != prefer, s.requests))
+        # Least loaded first; on a tie a batch goes where it fits in one frame, then stays where the caller
+        # was (a warm server), then goes to the one that served fewest.
+        return min(usable, key=lambda s: (s.load, batch and not s.explicit_batch, s.url != prefer, s.requests))
 
     def _acquire(
-        self, timeout_s: float | None, exclude: set[_Server], prefer: str | None = None
+        self, timeout_s: float | None, exclude: set[_Server], prefer: str | None = None, batch: bool = False
     ) -> tuple[_Server, ModelClient]:
         timeout_s = self.acquire_timeout_s if timeout_s is None else timeout_s
         deadline = time.monotonic() + timeout_s
@@ -205,7 +225,7 @@ class ClientPool:
                 while True:
                     if self._closed:
                         raise PoolError("the client pool is closed")
-                    server = self._pick(exclude, prefer)
+                    server = self._pick(exclude, prefer, batch)
                     if server is not None:
                         break
                     remaining = deadline - time.monotonic()
@@ -262,24 +282,91 @@ class ClientPool:
         self._release(server, conn, keep=True)
 
     # -- inference with retry ---------------------------------------------
-    def infer(self, obs: dict[str, Any], *, prefer: str | None = None) -> tuple[dict[str, Any], str]:
+    def infer(
+        self, obs: dict[str, Any], *, prefer: str | None = None, model: str | None = None
+    ) -> tuple[dict[str, Any], str]:
         """One observation -> (action map, URL of the server that answered).
 
         ``prefer``: a server URL to use when it is no busier than the others
-        (a sequential caller stays on a warm server)."""
-        return self._call(lambda conn: conn.infer(obs), prefer)
+        (a sequential caller stays on a warm server). ``model``: the hosted
+        model to ask, on servers that host several (see the module's notes)."""
+        return self._call(lambda conn: conn.infer(_addressed(conn, obs, model)), prefer)
 
     def infer_batch(
-        self, observations: list[dict[str, Any]], *, prefer: str | None = None
+        self, observations: list[dict[str, Any]], *, prefer: str | None = None, model: str | None = None
     ) -> tuple[list[dict[str, Any]], str]:
-        """An explicit batch frame -> (list of action maps, URL of the server that answered)."""
-        return self._call(lambda conn: conn.infer_batch(observations), prefer)
+        """Many observations -> (their action maps in order, URL of the server that answered the first).
 
-    def _call(self, fn: Callable[[ModelClient], Any], prefer: str | None = None) -> tuple[Any, str]:
+        One explicit batch frame where the server takes one; otherwise one map
+        per frame, spread over several connections at once."""
+        observations = list(observations)
+        if not observations:
+            raise ValueError("infer_batch needs at least one observation")
+        if len(observations) == 1:
+            reply, url = self.infer(observations[0], prefer=prefer, model=model)
+            return [reply], url
+
+        def send(conn: ModelClient) -> list[dict[str, Any]]:
+            if not getattr(conn, "explicit_batch", False):
+                raise _OneMapPerFrame
+            return conn.infer_batch([_addressed(conn, obs, model) for obs in observations])
+
+        try:
+            return self._call(send, prefer, batch=True)
+        except _OneMapPerFrame:
+            return self._infer_each(observations, prefer, model)
+
+    def _infer_each(
+        self, observations: list[dict[str, Any]], prefer: str | None, model: str | None
+    ) -> tuple[list[dict[str, Any]], str]:
+        """One map per frame, on as many concurrent streams as the usable servers have warm connections
+        (a serial server gains nothing from more): the caller runs one stream, the fan-out threads the rest."""
+        with self._cond:
+            up = max(1, sum(s.state == UP for s in self._servers))
+        streams = min(len(observations), up * max(1, self.connections_per_server))
+        replies: list[Any] = [None] * len(observations)
+        urls: list[str | None] = [None] * len(observations)
+        failed = threading.Event()
+
+        def run(stream: int, prefer_url: str | None) -> None:
+            try:
+                for i in range(stream, len(observations), streams):
+                    if failed.is_set():
+                        return  # another stream failed: the step fails, so send no more for it
+                    replies[i], urls[i] = self.infer(observations[i], prefer=prefer_url, model=model)
+            except BaseException:
+                failed.set()
+                raise
+
+        futures = [self._fanout_executor().submit(run, stream, None) for stream in range(1, streams)]
+        error: BaseException | None = None
+        try:
+            run(0, prefer)
+        except BaseException as exc:  # noqa: BLE001 - raised below, once every stream has stopped
+            error = exc
+        for future in futures:  # wait for all: no frame of this step may still be in flight when it fails
+            try:
+                future.result()
+            except BaseException as exc:  # noqa: BLE001
+                error = error or exc
+        if error is not None:
+            raise error
+        return replies, urls[0]
+
+    def _fanout_executor(self) -> concurrent.futures.ThreadPoolExecutor:
+        with self._cond:
+            if self._closed:
+                raise PoolError("the client pool is closed")
+            if self._fanout is None:
+                workers = min(64, len(self._servers) * self.max_connections_per_server)
+                self._fanout = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="pool-fanout")
+            return self._fanout
+
+    def _call(self, fn: Callable[[ModelClient], Any], prefer: str | None = None, batch: bool = False) -> tuple[Any, str]:
         tried: set[_Server] = set()
         last_error = "no attempt made"
         for attempt in range(self.retries + 1):
-            server, conn = self._acquire(None, tried, prefer)
+            server, conn = self._acquire(None, tried, prefer, batch)
             started = time.monotonic()
             try:
                 result = fn(conn)
@@ -310,6 +397,9 @@ class ClientPool:
                 tried.add(server)
                 last_error = f"{server.url}: {type(exc).__name__}: {exc}"
                 continue
+            except _OneMapPerFrame:
+                self._release(server, conn, keep=True)  # nothing was sent
+                raise
             except BaseException:  # anything else (a value that cannot be packed, an interrupt): not the server's fault
                 self._release(server, conn, keep=False)
                 raise
@@ -412,6 +502,8 @@ class ClientPool:
                 servers.append({
                     "url": s.url,
                     "state": s.state,
+                    "server": s.kind,
+                    "explicit_batch": s.explicit_batch,
                     "in_flight": s.busy,
                     "idle_connections": len(s.idle),
                     "busy_connections": s.busy,
@@ -435,6 +527,13 @@ class ClientPool:
                 "errors": sum(s["errors"] for s in servers),
             },
         }
+
+
+def _addressed(conn: ModelClient, obs: dict[str, Any], model: str | None) -> dict[str, Any]:
+    """``obs`` with ``__model__`` where the server picks models by it; as given elsewhere."""
+    if model is None or not getattr(conn, "selects_models", False):
+        return obs
+    return {**obs, "__model__": model}
 
 
 def _keeps_connection_after_error(conn: ModelClient) -> bool:

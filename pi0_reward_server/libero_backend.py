@@ -129,15 +129,40 @@ def observation(obs: dict[str, np.ndarray], prompt: str) -> dict[str, Any]:
 
 
 _RENDER_PROBE = """
-import mujoco
-m = mujoco.MjModel.from_xml_string("<mujoco><worldbody><light pos='0 0 1'/><geom size='.1'/></worldbody></mujoco>")
-d = mujoco.MjData(m)
-r = mujoco.Renderer(m, 16, 16)
-mujoco.mj_forward(m, d)
-r.update_scene(d)
-assert r.render().shape == (16, 16, 3)
+# Render through robosuite's own offscreen context, as LIBERO does: it sets up EGL its own way
+# (device selection from MUJOCO_EGL_DEVICE_ID or CUDA_VISIBLE_DEVICES), which plain mujoco does not.
+from robosuite.utils.binding_utils import MjRenderContextOffscreen, MjSim
+sim = MjSim.from_xml_string("<mujoco><worldbody><light pos='0 0 1'/><camera name='c' pos='0 0 1'/>"
+                            "<geom size='.1'/></worldbody></mujoco>")
+sim.forward()
+context = MjRenderContextOffscreen(sim, device_id=-1)
+context.render(16, 16, camera_id=0)
+assert context.read_pixels(16, 16).shape == (16, 16, 3)
 """
 _render_backend: str | None = None
+
+
+def egl_device_environment() -> None:
+    """Make ``CUDA_VISIBLE_DEVICES`` readable by robosuite's EGL setup.
+
+    Users set it empty to hide every GPU from a process; robosuite then parses
+    ``''`` as a device index and fails (``invalid literal for int()``). With no
+    CUDA device visible, EGL picks its first device (a GPU's EGL device or
+    Mesa's software one), exactly as when the variable is unset; what CUDA sees
+    does not change. A value that is neither empty nor device indices (GPU
+    UUIDs) gets a clear error unless ``MUJOCO_EGL_DEVICE_ID`` says which to use.
+    """
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is None or os.environ.get("MUJOCO_GL", "egl") != "egl":
+        return
+    if not visible.strip():
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""  # robosuite treats exactly "" as "no CUDA restriction to check"
+        os.environ.setdefault("MUJOCO_EGL_DEVICE_ID", "0")
+    elif os.environ.get("MUJOCO_EGL_DEVICE_ID") is None and not all(
+            part.strip().isdigit() for part in visible.split(",")):
+        raise RuntimeError(
+            f"CUDA_VISIBLE_DEVICES={visible!r} is not a list of device indices, which robosuite's EGL renderer "
+            "needs: set MUJOCO_EGL_DEVICE_ID to the EGL device to render on (e.g. 0), or use MUJOCO_GL=osmesa")
 
 
 def render_check() -> str:
@@ -152,14 +177,25 @@ def render_check() -> str:
         import sys
 
         candidates = [os.environ["MUJOCO_GL"]] if os.environ.get("MUJOCO_GL") else ["egl", "osmesa"]
+        failures = []
         for backend in candidates:
             env = {**os.environ, "MUJOCO_GL": backend, "PYOPENGL_PLATFORM": backend}
+            if backend == "egl":
+                try:
+                    egl_device_environment()  # also for this process, which renders after the probe
+                except RuntimeError as exc:
+                    failures.append(f"egl: {exc}")
+                    continue
+                env.update({k: os.environ[k] for k in ("CUDA_VISIBLE_DEVICES", "MUJOCO_EGL_DEVICE_ID") if k in os.environ})
             probe = subprocess.run([sys.executable, "-c", _RENDER_PROBE], env=env, capture_output=True, timeout=120)
             if probe.returncode == 0:
                 _render_backend = backend
                 break
+            lines = [line for line in probe.stderr.decode(errors="replace").splitlines() if line.strip()]
+            failures.append(f"{backend}: {lines[-1] if lines else f'exit code {probe.returncode}'}")
         else:
-            raise RuntimeError(f"no headless OpenGL backend works ({candidates}): install libegl1 or libosmesa6")
+            raise RuntimeError(f"no headless OpenGL backend works ({'; '.join(failures)}): "
+                               "install libegl1 or libosmesa6")
         os.environ["MUJOCO_GL"] = _render_backend
         os.environ.setdefault("PYOPENGL_PLATFORM", _render_backend)
     return _render_backend

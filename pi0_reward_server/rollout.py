@@ -12,7 +12,8 @@ Observation sent to the policy, per episode and step:
 when the task has one. Action expected back: ``actions``, an integer for a
 Discrete action space, otherwise an array reshaped to the action space's
 shape and clipped to its bounds. All episodes of a task step together: one
-explicit batch frame per step.
+explicit batch frame per step where the server takes one (gpu_worker), else one
+map per episode, sent concurrently (openpi's server).
 """
 
 from __future__ import annotations
@@ -62,9 +63,7 @@ class PoolPolicy:
         self.last_server: str | None = None  # a task stays on a warm server while it is no busier
 
     def infer_batch(self, observations: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], str]:
-        if self.model is not None:
-            observations = [{**obs, "__model__": self.model} for obs in observations]
-        actions, self.last_server = self.pool.infer_batch(observations, prefer=self.last_server)
+        actions, self.last_server = self.pool.infer_batch(observations, prefer=self.last_server, model=self.model)
         return actions, self.last_server
 
 

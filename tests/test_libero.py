@@ -157,3 +157,54 @@ def test_a_dead_worker_process_is_replaced(start_server):
         assert second.error is None and second.steps == libero_backend.SETTLE_STEPS + 1
     finally:
         runner.close()
+
+
+def test_score_libero_against_an_openpi_server_equals_gpu_worker(start_server, monkeypatch):
+    """openpi's server takes one observation map per frame; CUDA_VISIBLE_DEVICES='' hides GPUs (the
+    worker processes inherit it and must still render)."""
+    from openpi_style_server import OpenpiStyleServer
+
+    from pi0_reward_server.app import create_app
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    gpu = start_server(models=(LIBERO_TINY,), log_level="WARNING")
+    openpi = OpenpiStyleServer(model=LIBERO_TINY.target).start()
+    body = {"responses": [{"kind": "libero", "suite": "libero_spatial", "task_id": 0, "episodes": 2, "max_steps": 6,
+                           "seed": 7, "model": "libero_tiny"}]}
+    details = []
+    try:
+        for url in (gpu.url, openpi.url):
+            app = create_app({"model_servers": (url,), "log_level": "WARNING", "libero_processes": 1})
+            try:
+                response = app.test_client().post("/score", json=body)
+            finally:
+                app.extensions["client_pool"].close()
+                for runner in app.extensions["libero_runners"]:
+                    runner.close()
+            payload = response.get_json()
+            assert response.status_code == 200 and payload["failures"] == 0, payload
+            details.append({k: v for k, v in payload["details"][0].items() if k not in ("servers", "seconds")})
+    finally:
+        openpi.stop()
+    assert details[0] == details[1]
+    assert details[1]["episodes"] == 2 and details[1]["steps"] == 2 * (libero_backend.SETTLE_STEPS + 6)
+    assert openpi.requests == 4 and openpi.frames_refused == 0 and openpi.model_keys_seen == 0
+
+
+def test_render_check_and_environments_work_with_cuda_visible_devices_empty():
+    """robosuite's EGL setup parses CUDA_VISIBLE_DEVICES as device indices; '' (GPUs hidden) must still work."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    script = ("from pi0_reward_server import libero_backend as lb\n"
+              "backend = lb.render_check()\n"
+              "_, _, bddl = lb.load_task('libero_spatial', 0)\n"
+              "env = lb.make_env(bddl, 0); env.reset(); env.close()\n"
+              "print('rendered with', backend)\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("MUJOCO_GL", "PYOPENGL_PLATFORM", "MUJOCO_EGL_DEVICE_ID")}
+    for visible in ("", " "):
+        done = subprocess.run([sys.executable, "-c", script], env={**env, "CUDA_VISIBLE_DEVICES": visible},
+                              cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0 and "rendered with" in done.stdout, done.stderr[-3000:]
