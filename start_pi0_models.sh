@@ -1,10 +1,19 @@
 #!/usr/bin/env bash
 # Start one gpu_worker model server per GPU on ports BASE_PORT, BASE_PORT+1, ... (each pinned
 # with CUDA_VISIBLE_DEVICES), or NUM_CPU_SERVERS CPU servers when no GPU is found.
-# Idempotent: a server whose PID file points at a live gpu_worker is left alone.
+# Idempotent: a server whose PID file points at a live server this script started is left alone.
+#
+# Any openpi-compatible server can stand in for gpu_worker: MODEL_SERVER_CMD is a command template
+# run with bash in its own process group, with {port}, {gpu} (the GPU index; empty on the CPU) and
+# {host} filled in, e.g. openpi's own server:
+#   MODEL_SERVER_CMD='cd /opt/openpi && exec uv run scripts/serve_policy.py --port {port} policy:checkpoint
+#     --policy.config=pi05_libero --policy.dir=/ckpt/pi05_libero'
+# It gets the same pinning, PID file, log, health wait (GET /healthz answers 200; a WebSocket-only
+# server's 426 counts too) and stop as gpu_worker.
 #
 # Environment (all optional):
 #   BASE_PORT=8000  NUM_CPU_SERVERS=2  NUM_GPUS=<detected by nvidia-smi>  HOST=127.0.0.1
+#   MODEL_SERVER_CMD='... {port} ...'                         run this instead of gpu_worker (above)
 #   GPU_WORKER_ARGS="--model NAME=module:Class[@CKPT] ..."   extra arguments for every server
 #   GPU_WORKER_CONFIG=path.toml                                a config file for every server
 #   PYTHON=.venv/bin/python  RUN_DIR=run  LOG_DIR=logs  HEALTH_TIMEOUT_S=300
@@ -58,6 +67,17 @@ if [ -n "${GPU_WORKER_ARGS:-}" ]; then
   read -r -a words <<<"$GPU_WORKER_ARGS"  # split on spaces, no glob expansion
   extra+=("${words[@]}")
 fi
+if [ -n "${MODEL_SERVER_CMD:-}" ]; then
+  if [ "${#extra[@]}" -gt 0 ]; then
+    echo "error: GPU_WORKER_ARGS and GPU_WORKER_CONFIG are gpu_worker's; with MODEL_SERVER_CMD put options in the command" >&2
+    exit 2
+  fi
+  case "$MODEL_SERVER_CMD" in
+    *"{port}"*) ;;
+    *) echo "error: MODEL_SERVER_CMD must contain {port}: each server needs its own port" >&2; exit 2 ;;
+  esac
+fi
+run_dir_abs=$(cd "$RUN_DIR" && pwd)
 probe_host=$HOST
 case "$HOST" in 0.0.0.0|::|"") probe_host=127.0.0.1 ;; esac
 
@@ -67,7 +87,8 @@ for ((i = 0; i < count; i++)); do
   pidfile="$RUN_DIR/pi0_gpu$i.pid"
   log="$LOG_DIR/pi0_gpu$i.log"
   ports+=("$port")
-  if [ -f "$pidfile" ] && is_ours "$(cat "$pidfile")"; then
+  tag="$run_dir_abs:$i"
+  if [ -f "$pidfile" ] && is_ours "$(cat "$pidfile")" "$tag"; then
     echo "server $i already running (pid $(cat "$pidfile"), port $port)"
     continue
   fi
@@ -76,9 +97,19 @@ for ((i = 0; i < count; i++)); do
     exit 1
   fi
   if [ "$kind" = GPU ]; then devices=$i; else devices=""; fi
-  echo "starting $kind server $i on $HOST:$port (log $log)"
-  env "${threads_env[@]}" CUDA_VISIBLE_DEVICES=$devices PYTHONUNBUFFERED=1 setsid nohup "$PYTHON" -m gpu_worker \
-    --host "$HOST" --port "$port" "${extra[@]}" >>"$log" 2>&1 </dev/null &
+  # PI0_MODEL_SERVER_TAG marks the process (and its children) as this script's server i: the stop script
+  # checks it before signalling, so a PID reused by another process is never killed.
+  launch=(env "${threads_env[@]}" CUDA_VISIBLE_DEVICES=$devices PYTHONUNBUFFERED=1 PI0_MODEL_SERVER_TAG="$tag")
+  if [ -n "${MODEL_SERVER_CMD:-}" ]; then
+    cmd=${MODEL_SERVER_CMD//\{port\}/$port}
+    cmd=${cmd//\{gpu\}/$devices}
+    cmd=${cmd//\{host\}/$HOST}
+    echo "starting $kind server $i on $HOST:$port: $cmd (log $log)"
+    "${launch[@]}" setsid nohup bash -c "$cmd" >>"$log" 2>&1 </dev/null &
+  else
+    echo "starting $kind server $i on $HOST:$port (log $log)"
+    "${launch[@]}" setsid nohup "$PYTHON" -m gpu_worker --host "$HOST" --port "$port" "${extra[@]}" >>"$log" 2>&1 </dev/null &
+  fi
   echo $! >"$pidfile"
 done
 
@@ -86,9 +117,15 @@ deadline=$((SECONDS + HEALTH_TIMEOUT_S))
 for ((i = 0; i < count; i++)); do  # every server, also one found running but still loading
   port=$((BASE_PORT + i))
   pid=$(cat "$RUN_DIR/pi0_gpu$i.pid")
-  until "$PYTHON" -c "import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=2)" \
-      "http://$probe_host:$port/healthz" >/dev/null 2>&1; do
-    if ! kill -0 "$pid" 2>/dev/null; then
+  until "$PYTHON" - "http://$probe_host:$port/healthz" >/dev/null 2>&1 <<'PY'
+import sys, urllib.error, urllib.request
+try:
+    urllib.request.urlopen(sys.argv[1], timeout=2)
+except urllib.error.HTTPError as exc:
+    sys.exit(exc.code != 426)  # 426 Upgrade Required: a WebSocket-only server without /healthz, up
+PY
+  do
+    if ! alive "$pid"; then
       echo "error: server $i (port $port) exited; last lines of $LOG_DIR/pi0_gpu$i.log:" >&2
       tail -n 20 "$LOG_DIR/pi0_gpu$i.log" >&2
       exit 1

@@ -147,3 +147,51 @@ def test_check_setup_names_the_unreachable_server(tmp_path):
     assert result.returncode == 1
     assert f"ws://127.0.0.1:{port} unreachable" in result.stdout and "fix: bash start_pi0_models.sh" in result.stdout
     assert "ok    torch" in result.stdout
+
+
+@pytest.mark.slow
+def test_start_runs_any_openpi_compatible_server_from_a_command_template(script_env, tmp_path):
+    """MODEL_SERVER_CMD: an openpi-style server per slot, behind a wrapper shell (as `uv run` would be):
+    same PID files, logs, health wait, idempotence, and a stop that leaves no child behind."""
+    import sys
+
+    import numpy as np
+
+    from pi0_reward_server.client_pool import ClientPool
+
+    env, base = script_env
+    server = ROOT / "tests" / "openpi_style_server.py"
+    env = {**env, "MODEL_SERVER_CMD": f"echo gpu={{gpu}}; {sys.executable} {server} --host {{host}} --port {{port}} "
+                                      "--model gpu_worker.models.cartpole:CartPolePolicy; true"}
+    first = run("start_pi0_models.sh", env)
+    assert first.returncode == 0, first.stderr
+    assert f"GPU_PORTS={base},{base + 1}" in first.stdout
+    leaders = [int((tmp_path / "run" / f"pi0_gpu{i}.pid").read_text()) for i in range(2)]
+    for i in range(2):
+        log = (tmp_path / "logs" / f"pi0_gpu{i}.log").read_text()
+        assert "gpu=\n" in log and f"openpi-style server listening on ws://127.0.0.1:{base + i}" in log
+    again = run("start_pi0_models.sh", env)
+    assert again.returncode == 0 and again.stdout.count("already running") == 2
+
+    with ClientPool([f"ws://127.0.0.1:{base}", f"ws://127.0.0.1:{base + 1}"]).start(wait_s=10) as pool:
+        replies, _ = pool.infer_batch([{"observation/state": np.zeros(4, np.float32)}] * 4)
+        assert [int(r["actions"]) for r in replies] == [int(replies[0]["actions"])] * 4
+        assert {s["server"] for s in pool.status()["servers"]} == {"openpi-compatible"}
+
+    servers = [int(line.split()[0]) for line in subprocess.run(
+        ["ps", "-e", "-o", "pid=,args="], capture_output=True, text=True).stdout.splitlines()
+        if str(server) in line and "bash -c" not in line]
+    assert len(servers) == 2 and not set(servers) & set(leaders)  # the servers are children of the wrappers
+    stop = run("stop_pi0_models.sh", env)
+    assert stop.returncode == 0 and "stopped 2 model server(s)" in stop.stdout, stop.stdout + stop.stderr
+    deadline = time.monotonic() + 10
+    while any(alive(pid) for pid in servers + leaders) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(alive(pid) for pid in servers + leaders)
+    assert http_status(f"http://127.0.0.1:{base}/healthz") is None
+
+
+def test_start_refuses_a_command_template_without_a_port(script_env):
+    env, _ = script_env
+    result = run("start_pi0_models.sh", {**env, "MODEL_SERVER_CMD": "python serve.py --port 8000"})
+    assert result.returncode == 2 and "MODEL_SERVER_CMD must contain {port}" in result.stderr
