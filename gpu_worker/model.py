@@ -94,7 +94,7 @@ def load_model(target: str, checkpoint: str | None, *, device: str, options: Map
             f"model class {target!r} has no from_checkpoint(checkpoint, *, device, **options); "
             "subclass gpu_worker.model.TorchPolicy or add that classmethod"
         )
-    if checkpoint is not None and not pathlib.Path(checkpoint).is_file():
+    if checkpoint is not None and not pathlib.Path(checkpoint).exists():
         raise ModelLoadError(f"checkpoint {checkpoint!r} for model {target!r} does not exist")
     try:
         model = factory(checkpoint, device=device, **dict(options or {}))
