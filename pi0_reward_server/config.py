@@ -132,7 +132,7 @@ def from_env(environ: Mapping[str, str]) -> dict[str, Any]:
     if environ.get("GPU_PORTS"):
         host = environ.get("MODEL_HOST", "127.0.0.1")
         ports = [p.strip() for p in environ["GPU_PORTS"].split(",") if p.strip()]
-        if not all(p.isdigit() for p in ports):
+        if not all(p.isascii() and p.isdigit() for p in ports):
             raise ConfigError(f"GPU_PORTS={environ['GPU_PORTS']!r} must be a comma-separated list of ports")
         values["model_servers"] = tuple(f"ws://{host}:{p}" for p in ports)
     if environ.get("MODEL_SERVERS"):

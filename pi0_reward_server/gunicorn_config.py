@@ -17,7 +17,7 @@ def _int(name: str, default: int) -> int:
     value = os.environ.get(name, "")
     if not value:
         return default
-    if not value.isdigit() or int(value) < 1:
+    if not (value.isascii() and value.isdigit()) or int(value) < 1:
         raise SystemExit(f"{name}={value!r} must be a positive integer")
     return int(value)
 

@@ -159,7 +159,7 @@ def egl_device_environment() -> None:
         os.environ["CUDA_VISIBLE_DEVICES"] = ""  # robosuite treats exactly "" as "no CUDA restriction to check"
         os.environ.setdefault("MUJOCO_EGL_DEVICE_ID", "0")
     elif os.environ.get("MUJOCO_EGL_DEVICE_ID") is None and not all(
-            part.strip().isdigit() for part in visible.split(",")):
+            part.strip().isascii() and part.strip().isdigit() for part in visible.split(",")):
         raise RuntimeError(
             f"CUDA_VISIBLE_DEVICES={visible!r} is not a list of device indices, which robosuite's EGL renderer "
             "needs: set MUJOCO_EGL_DEVICE_ID to the EGL device to render on (e.g. 0), or use MUJOCO_GL=osmesa")

@@ -114,9 +114,15 @@ def _int(field: str, value: Any, low: int, high: int) -> int:
 
 
 def _number(field: str, value: Any) -> float:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise TaskError(field, f"must be a finite number, got {value!r:.80}")
+    try:
+        number = float(value)  # an int past float's range raises OverflowError here
+    except OverflowError:
+        raise TaskError(field, f"must be a finite number, got an integer of {value.bit_length()} bits") from None
+    if not math.isfinite(number):
         raise TaskError(field, f"must be a finite number, got {value!r}")
-    return float(value)
+    return number
 
 
 def _gym_env_id(field: str, env: Any) -> str:
@@ -301,7 +307,7 @@ def parse_libero(where: str, fields: dict[str, Any], defaults: Mapping[str, Any]
     reference = fields.get("task")
     if isinstance(reference, str) and reference.startswith("libero:"):
         parts = reference.split(":")
-        if len(parts) != 3 or not parts[2].isdigit():
+        if len(parts) != 3 or not re.fullmatch(r"[0-9]{1,9}", parts[2]):  # str.isdigit() also takes "²"
             raise TaskError(f"{where}.task", f"must look like 'libero:<suite>:<task_id>', got {reference!r}")
         merged.update(suite=parts[1], task_id=int(parts[2]))
     merged.update({k: v for k, v in fields.items() if k not in ("task", "kind")})

@@ -140,3 +140,50 @@ def test_any_frame_gets_an_answer_and_the_connection_survives(model_server, fram
 def test_model_server_still_works_after_fuzzing(model_server):
     with ModelClient(model_server.url) as client:
         assert client.infer(GOOD)["actions"] in (0, 1)
+
+
+# -- every numeric field: integers past float's range, non-ASCII digits ------------------------
+NUMERIC_FIELDS = {
+    "rollout": ("episodes", "seed", "max_steps", "success_threshold", "return_range"),
+    "selfplay": ("rows", "cols", "games", "simulations", "seed", "leaves_per_round", "temperature_moves", "c_puct",
+                 "max_positions"),
+    "libero": ("task_id", "episodes", "seed", "init_state", "max_steps", "replan_steps"),
+}
+BASES = {"rollout": {"task": "cartpole"}, "selfplay": {"kind": "selfplay", "game": "connect4"},
+         "libero": {"kind": "libero", "suite": "libero_spatial", "task_id": 0}}
+huge_integers = st.integers(min_value=10**309, max_value=10**4000).flatmap(lambda n: st.sampled_from([n, -n]))
+odd_digits = st.text(alphabet="²³¹٣٤٥۶७৮๙０１①⑵", min_size=1, max_size=4)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(kind_field=st.sampled_from([(k, f) for k, fields in NUMERIC_FIELDS.items() for f in fields]),
+       value=st.one_of(huge_integers, odd_digits, st.lists(huge_integers, min_size=2, max_size=2)),
+       in_kwargs=st.booleans())
+def test_huge_numbers_and_odd_digits_get_a_400_naming_the_field(app_and_server, kind_field, value, in_kwargs):
+    kind, field = kind_field
+    if in_kwargs and kind == "libero":
+        return  # kwargs apply to every kind; the rollout and selfplay cases cover them
+    spec = dict(BASES[kind])
+    body = {"responses": [spec]}
+    if in_kwargs:
+        body["reward_function_kwargs"] = {field: value}
+    else:
+        spec[field] = value
+    response = app_and_server.test_client().post("/score", data=json.dumps(body), content_type="application/json")
+    assert response.status_code == 400, (response.status_code, response.get_data(as_text=True)[:300])
+    assert field in response.get_json()["error"] or field in response.get_json().get("field", "")
+
+
+@pytest.mark.parametrize("reference", ["libero:libero_spatial:²", "libero:libero_spatial:٣", "libero:libero_spatial:1" + "0" * 400])
+def test_a_libero_reference_with_odd_digits_gets_a_400(app_and_server, reference):
+    response = app_and_server.test_client().post("/score", json={"responses": [reference]})
+    assert response.status_code == 400, response.get_data(as_text=True)[:300]
+    assert "must look like 'libero:<suite>:<task_id>'" in response.get_json()["error"]
+
+
+@pytest.mark.parametrize("value", [10**400, -(10**400)])
+def test_max_workers_past_float_range_gets_a_400(app_and_server, value):
+    response = app_and_server.test_client().post(
+        "/score", data=json.dumps({"responses": ["cartpole"], "reward_function_kwargs": {"max_workers": value}}),
+        content_type="application/json")
+    assert response.status_code == 400 and "max_workers" in response.get_json()["error"]
