@@ -67,6 +67,7 @@ def create_app(config: AppConfig | Mapping[str, Any] | None = None, *, pool: Cli
         request_timeout_s=settings.request_timeout_s,
         connect_timeout_s=settings.connect_timeout_s,
         health_interval_s=settings.health_interval_s,
+        probe_interval_s=settings.probe_interval_s,
         backoff_initial_s=settings.backoff_initial_s,
         backoff_max_s=settings.backoff_max_s,
         retries=settings.retries,

@@ -11,8 +11,14 @@ Rules it keeps:
   when nothing frees up in time;
 * a connection that errors or times out is closed and never handed out again,
   so a late reply can never become someone else's answer; a server whose
-  connection broke is marked down, checked through ``GET /healthz`` and
-  reconnected with bounded exponential backoff by a background thread;
+  connection broke or that let a request time out leaves rotation at once;
+* a server out of rotation is probed cheaply (``GET /healthz``) every
+  ``probe_interval_s``; only when that answers does the pool reconnect, and
+  a failed reconnect backs off exponentially (``backoff_initial_s`` up to
+  ``backoff_max_s``), so a server that comes back rejoins within about one
+  probe interval however long it was away. A server that timed out must also
+  answer a real inference (the last observation any server answered) before
+  it rejoins: a hung server that still answers ``/healthz`` stays out;
 * :meth:`ClientPool.infer` retries on another server when the first one died,
   timed out, was overloaded or is shutting down, so a task's result is
   neither lost nor duplicated; a request the server rejects as bad (or a model
@@ -98,7 +104,10 @@ class _Server:
     last_error_at: float | None = None
     latencies_ms: collections.deque = dataclasses.field(default_factory=lambda: collections.deque(maxlen=2048))
     backoff_s: float = 0.0
-    next_check: float = 0.0
+    next_check: float = 0.0  # next cheap probe while out of rotation
+    reconnect_at: float = 0.0  # no reconnect before this (backoff after a failed one)
+    needs_inference: bool = False  # it timed out: /healthz alone cannot bring it back
+    checking: bool = False  # a check of this server is running on its own thread
     last_healthy_check: float = 0.0
     kind: str | None = None  # from the metadata frame: "gpu_worker", or "openpi-compatible"
     explicit_batch: bool | None = None  # None until a connection has read the metadata
@@ -123,6 +132,7 @@ class ClientPool:
         request_timeout_s: float = 120.0,
         connect_timeout_s: float = 5.0,
         health_interval_s: float = 2.0,
+        probe_interval_s: float = 1.0,
         backoff_initial_s: float = 0.5,
         backoff_max_s: float = 30.0,
         retries: int = 2,
@@ -140,6 +150,7 @@ class ClientPool:
         self.request_timeout_s = request_timeout_s
         self.connect_timeout_s = connect_timeout_s
         self.health_interval_s = health_interval_s
+        self.probe_interval_s = probe_interval_s
         self.backoff_initial_s = backoff_initial_s
         self.backoff_max_s = backoff_max_s
         self.retries = retries
@@ -147,6 +158,7 @@ class ClientPool:
         self._client_factory = client_factory
         self._cond = threading.Condition()
         self._fanout: concurrent.futures.ThreadPoolExecutor | None = None
+        self._probe: tuple[dict[str, Any], str | None] | None = None  # (observation, model) some server answered
         self._closed = False
         self._wake = threading.Event()
         self._thread = threading.Thread(target=self._maintain, name="client-pool-health", daemon=True)
@@ -290,7 +302,9 @@ class ClientPool:
         ``prefer``: a server URL to use when it is no busier than the others
         (a sequential caller stays on a warm server). ``model``: the hosted
         model to ask, on servers that host several (see the module's notes)."""
-        return self._call(lambda conn: conn.infer(_addressed(conn, obs, model)), prefer)
+        reply = self._call(lambda conn: conn.infer(_addressed(conn, obs, model)), prefer)
+        self._probe = (obs, model)
+        return reply
 
     def infer_batch(
         self, observations: list[dict[str, Any]], *, prefer: str | None = None, model: str | None = None
@@ -312,7 +326,9 @@ class ClientPool:
             return conn.infer_batch([_addressed(conn, obs, model) for obs in observations])
 
         try:
-            return self._call(send, prefer, batch=True)
+            replies = self._call(send, prefer, batch=True)
+            self._probe = (observations[0], model)
+            return replies
         except _OneMapPerFrame:
             return self._infer_each(observations, prefer, model)
 
@@ -382,9 +398,10 @@ class ClientPool:
                 time.sleep(min(0.05 * 2**attempt, 1.0))  # back off before asking again
                 continue
             except TimeoutError as exc:
-                # The server may still answer later: this connection must never be reused.
+                # The server may still answer later: this connection must never be reused. A server that
+                # let a request time out leaves rotation until it answers a real inference again.
                 self._release(server, conn, keep=False)
-                self._record_error(server, f"no reply within {self.request_timeout_s:g}s")
+                self._mark_down(server, f"no reply within {self.request_timeout_s:g}s", needs_inference=True)
                 tried.add(server)
                 last_error = f"{server.url}: timed out after {self.request_timeout_s:g}s ({exc})"
                 continue
@@ -417,18 +434,18 @@ class ClientPool:
             server.last_error = message
             server.last_error_at = time.time()
 
-    def _mark_down(self, server: _Server, message: str) -> None:
+    def _mark_down(self, server: _Server, message: str, *, needs_inference: bool = False) -> None:
         with self._cond:
             server.errors += 1
             server.last_error = message
             server.last_error_at = time.time()
+            server.needs_inference = server.needs_inference or needs_inference
             to_close = list(server.idle)
             server.idle.clear()
             if server.state != DOWN:
-                logger.warning("model server %s is down: %s", server.url, message)
+                logger.warning("model server %s is out of rotation: %s", server.url, message)
                 server.state = DOWN
-                server.backoff_s = self.backoff_initial_s
-                server.next_check = time.monotonic()  # check it right away
+                server.next_check = time.monotonic()  # probe it right away
             self._cond.notify_all()
         self._wake.set()
         for conn in to_close:
@@ -444,51 +461,95 @@ class ClientPool:
         except Exception:  # noqa: BLE001 - anything that is not a 200 from /healthz (garbage, resets) is unhealthy
             return False
 
+    def _probe_inference(self, conn: ModelClient) -> str | None:
+        """A real inference on a fresh connection: None when it answered, else what went wrong."""
+        probe = self._probe
+        if probe is None:
+            return None  # nothing has been answered yet, so there is nothing known-good to send
+        obs, model = probe
+        try:
+            conn.infer(_addressed(conn, obs, model))
+        except ServerError as exc:
+            message = str(exc)
+            # An answer, even an error, shows the server is alive; only overload and shutdown keep it out.
+            return f"probe inference: {message[:200]}" if message.startswith(_RETRYABLE_REPLIES) else None
+        except Exception as exc:  # noqa: BLE001 - timeouts, resets: it is still not serving
+            return f"probe inference failed: {type(exc).__name__}: {exc}"
+        return None
+
     def _try_bring_up(self, server: _Server) -> None:
-        error = "GET /healthz did not answer 200"
+        """Cheap probe on a fixed interval; the expensive reconnect (and probe inference) with backoff."""
+        now = time.monotonic()
+        if not self._healthy(server.url):
+            with self._cond:
+                server.state = DOWN
+                server.last_error = server.last_error or "GET /healthz did not answer 200"
+                server.next_check = time.monotonic() + self.probe_interval_s
+            return
+        if now < server.reconnect_at:
+            with self._cond:
+                server.next_check = min(server.reconnect_at, now + self.probe_interval_s)
+            return
+        error = None
         opened: list[ModelClient] = []
-        if self._healthy(server.url):
-            for _ in range(max(1, self.connections_per_server)):
-                try:
-                    opened.append(self._open(server))
-                except Exception as exc:  # noqa: BLE001
-                    error = f"connect failed: {type(exc).__name__}: {exc}"
-                    break
+        for _ in range(max(1, self.connections_per_server)):
+            try:
+                opened.append(self._open(server))
+            except Exception as exc:  # noqa: BLE001
+                error = f"connect failed: {type(exc).__name__}: {exc}"
+                break
+        if opened and error is None and server.needs_inference:
+            error = self._probe_inference(opened[0])
+            if error is not None:
+                opened[0].broken = True  # its reply may still arrive: never reuse it
         with self._cond:
-            if opened and not self._closed:
+            if opened and error is None and not self._closed:
                 was = server.state
                 server.state = UP
                 server.backoff_s = 0.0
+                server.reconnect_at = 0.0
+                server.needs_inference = False
                 server.last_healthy_check = time.monotonic()
                 server.idle.extend(opened)
                 opened = []
                 self._cond.notify_all()
                 if was == DOWN:
-                    logger.info("model server %s is back up", server.url)
+                    logger.info("model server %s is back in rotation", server.url)
             else:
                 server.state = DOWN
-                server.last_error = error
+                server.last_error = error or server.last_error
                 server.backoff_s = min(max(server.backoff_s * 2, self.backoff_initial_s), self.backoff_max_s)
-                server.next_check = time.monotonic() + server.backoff_s
+                server.reconnect_at = time.monotonic() + server.backoff_s
+                server.next_check = time.monotonic() + self.probe_interval_s
         for conn in opened:
             _quiet_close(conn)
 
+    def _check(self, server: _Server) -> None:
+        try:
+            if server.state != UP:
+                self._try_bring_up(server)
+            elif self._healthy(server.url):
+                server.last_healthy_check = time.monotonic()
+            else:
+                self._mark_down(server, "GET /healthz failed")
+        except Exception:  # noqa: BLE001 - a check must outlive any one server's oddities
+            logger.error("health check of %s failed", server.url, exc_info=True)
+        finally:
+            with self._cond:
+                server.checking = False
+
     def _maintain(self) -> None:
+        """Start each due check on its own thread: a server that hangs a probe delays no other server."""
         while not self._closed:
             now = time.monotonic()
-            for server in list(self._servers):
-                if self._closed:
-                    return
-                try:
-                    if server.state != UP and now >= server.next_check:
-                        self._try_bring_up(server)
-                    elif server.state == UP and now - server.last_healthy_check >= self.health_interval_s:
-                        if self._healthy(server.url):
-                            server.last_healthy_check = time.monotonic()
-                        else:
-                            self._mark_down(server, "GET /healthz failed")
-                except Exception:  # noqa: BLE001 - this thread must outlive any one server's oddities
-                    logger.error("health check of %s failed", server.url, exc_info=True)
+            with self._cond:
+                due = [s for s in self._servers if not s.checking and (
+                    (s.state != UP and now >= s.next_check)
+                    or (s.state == UP and now - s.last_healthy_check >= self.health_interval_s))]
+                for server in due:
+                    server.checking = True
+            for server in due:
+                threading.Thread(target=self._check, args=(server,), name="client-pool-check", daemon=True).start()
             self._wake.wait(0.05)
             self._wake.clear()
 
@@ -516,6 +577,8 @@ class ClientPool:
                         "p99": round(float(np.percentile(latencies, 99)), 3) if latencies else None,
                     },
                     "retry_in_s": round(max(0.0, s.next_check - time.monotonic()), 2) if s.state == DOWN else None,
+                    "reconnect_in_s": round(max(0.0, s.reconnect_at - time.monotonic()), 2) if s.state == DOWN else None,
+                    "needs_inference": s.needs_inference,
                 })
         return {
             "servers": servers,

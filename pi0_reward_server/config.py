@@ -30,9 +30,10 @@ class AppConfig:
     acquire_timeout_s: float = 60.0
     request_timeout_s: float = 120.0
     connect_timeout_s: float = 5.0
-    health_interval_s: float = 2.0
-    backoff_initial_s: float = 0.5
-    backoff_max_s: float = 30.0
+    health_interval_s: float = 2.0  # /healthz of servers in rotation
+    probe_interval_s: float = 1.0  # /healthz of servers out of rotation (cheap; fixed, so a server rejoins fast)
+    backoff_initial_s: float = 0.5  # reconnects (expensive) that failed back off from this ...
+    backoff_max_s: float = 30.0  # ... doubling up to this
     retries: int = 2  # extra attempts, on other servers where possible
     model_api_key: str | None = None  # sent to model servers as "Authorization: Api-Key <key>"
     # Scoring
@@ -87,7 +88,7 @@ class AppConfig:
         if self.connections_per_server > self.max_connections_per_server:
             raise ConfigError("connections_per_server cannot exceed max_connections_per_server")
         for name in ("acquire_timeout_s", "request_timeout_s", "connect_timeout_s", "health_interval_s",
-                     "backoff_initial_s", "backoff_max_s", "max_request_seconds"):
+                     "probe_interval_s", "backoff_initial_s", "backoff_max_s", "max_request_seconds"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"{name} must be a positive number of seconds, got {value!r}")

@@ -10,7 +10,7 @@ Without a model its policy returns ``actions = 2 * state + 1``. With
 ``model="module:Class[@CKPT]"`` it hosts a gpu_worker model the way openpi
 hosts a checkpoint: one observation, a batch of one, the row sent back.
 ``hang=True`` makes it accept connections, send the metadata frame and never
-answer (a hung server). ``barrier``: a ``threading.Barrier`` each inference
+answer (a hung server; set ``hang = False`` to let it recover). ``barrier``: a ``threading.Barrier`` each inference
 waits on first (with its event loop blocked, as openpi's is), so a test can
 prove that two servers were asked at the same time.
 
@@ -77,6 +77,7 @@ class OpenpiStyleServer:
         self.host = host
         self.requested_port = port
         self.port: int | None = None
+        self.frames = 0  # frames received, answered or not
         self.requests = 0  # frames handed to the policy
         self.frames_refused = 0  # frames that were not one observation map
         self.model_keys_seen = 0  # maps carrying gpu_worker's __model__ key
@@ -97,6 +98,7 @@ class OpenpiStyleServer:
                 frame = await ws.recv()
             except websockets.ConnectionClosed:
                 return
+            self.frames += 1
             if self.hang:
                 continue  # never answer
             try:
