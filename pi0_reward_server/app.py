@@ -17,7 +17,7 @@ import time
 from typing import Any, Mapping
 
 from flask import Flask, jsonify, request
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from pi0_reward_server.client_pool import ClientPool
 from pi0_reward_server.config import AppConfig, load_config
@@ -42,8 +42,9 @@ class Admission:
         self._lock = threading.Lock()
 
     def acquire(self, n: int) -> bool:
+        """``n`` must not exceed the limit (such a request is refused as too large before it gets here)."""
         with self._lock:
-            if self.inflight + n > self.limit and self.inflight > 0:
+            if self.inflight + n > self.limit:
                 return False
             self.inflight += n
             return True
@@ -166,6 +167,9 @@ def create_app(config: AppConfig | Mapping[str, Any] | None = None, *, pool: Cli
             if simulations > settings.max_simulations_per_request:
                 raise BadRequest("responses", f"asks for up to {simulations} MCTS simulations; at most "
                                               f"{settings.max_simulations_per_request} per request (split it)")
+            if len(tasks) > settings.max_inflight_tasks:
+                raise BadRequest("responses", f"holds {len(tasks)} tasks; at most {settings.max_inflight_tasks} can be "
+                                              "in flight in one app worker (max_inflight_tasks): split it")
         except (BadRequest, TaskError) as exc:
             return jsonify(error=str(exc), field=exc.field), 400
         if not admission.acquire(len(tasks)):
@@ -208,6 +212,21 @@ def create_app(config: AppConfig | Mapping[str, Any] | None = None, *, pool: Cli
     def health():
         up = pool.healthy_servers
         return jsonify(status="ok" if up else "unavailable", model_servers_up=up), (200 if up else 503)
+
+    @app.before_request
+    def bound_chunked_body():
+        """Flask enforces ``max_body_bytes`` through Content-Length; a chunked body has none, and the stream
+        werkzeug gives it stops silently at the limit, so an oversized body would be cut and scored."""
+        if request.content_length is not None or "chunked" not in request.headers.get("Transfer-Encoding", "").lower():
+            return None
+        data = request.get_data(cache=True)  # at most max_body_bytes
+        raw = request.environ.get("wsgi.input")
+        if len(data) >= settings.max_body_bytes and raw is not None and raw.read(1):
+            discarded = 0  # read a bounded amount more, so the client sees the 413 rather than a reset
+            while discarded < settings.max_body_bytes and (chunk := raw.read(65536)):
+                discarded += len(chunk)
+            raise RequestEntityTooLarge(f"the body is larger than max_body_bytes ({settings.max_body_bytes} bytes)")
+        return None
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException):

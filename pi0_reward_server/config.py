@@ -38,7 +38,7 @@ class AppConfig:
     model_api_key: str | None = None  # sent to model servers as "Authorization: Api-Key <key>"
     # Scoring
     max_workers_cap: int = 32
-    max_inflight_tasks: int = 512  # per app process, over all requests; past it /score answers 429
+    max_inflight_tasks: int = 512  # per app worker process (gunicorn: per worker), over all requests; past it 429
     max_env_steps_per_request: int = 5_000_000  # rollouts: sum of episodes x step limit
     max_simulations_per_request: int = 20_000_000  # selfplay: sum of games x simulations x longest game
     libero_execution: str = "process"  # "process" (spawned workers; faster, measured) or "thread"

@@ -8,6 +8,10 @@
 * gthread workers: ``/score`` waits on model servers; threads let one worker
   serve ``/health`` and ``/pool_status`` while scoring.
 * A long timeout (1800 s): a ``/score`` of many long rollouts is legitimately slow.
+* The worker is gthread's, refusing new connections with a fast 503 and
+  ``Retry-After`` while it drains on SIGTERM (``gunicorn_worker.py``).
+* The access log holds no secret: no user field (gunicorn would decode a Basic
+  auth user name), the path without its query string, no referer.
 """
 
 import os
@@ -23,7 +27,7 @@ def _int(name: str, default: int) -> int:
 
 
 bind = os.environ.get("GUNICORN_BIND", "0.0.0.0:6006")
-worker_class = "gthread"
+worker_class = "pi0_reward_server.gunicorn_worker.DrainingThreadWorker"
 workers = _int("GUNICORN_WORKERS", 1)
 threads = _int("GUNICORN_THREADS", 16)
 timeout = _int("GUNICORN_TIMEOUT", 1800)
@@ -31,6 +35,10 @@ graceful_timeout = _int("GUNICORN_GRACEFUL_TIMEOUT", 120)
 keepalive = _int("GUNICORN_KEEPALIVE", 5)
 preload_app = False
 accesslog = os.environ.get("GUNICORN_ACCESSLOG", "-")
+# Remote address, time, method, path (%(U)s: no query string, where ?access_token=... would be), protocol,
+# status, bytes, seconds. Not gunicorn's default: its %(u)s, %(r)s and %(f)s can carry a token.
+access_log_format = '%(h)s %(t)s "%(m)s %(U)s %(H)s" %(s)s %(B)s %(L)ss'
+
 errorlog = os.environ.get("GUNICORN_ERRORLOG", "-")
 loglevel = os.environ.get("GUNICORN_LOGLEVEL", "info")
 pidfile = os.environ.get("GUNICORN_PIDFILE") or None
