@@ -4,5 +4,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
 bash scripts/install_libero.sh  # the LIBERO backend's tests run too
+bash scripts/install_lerobot.sh  # and the LeRobot policies' (a tiny SmolVLA built offline)
 export OPENPI_CLIENT_PYTHON=${OPENPI_CLIENT_PYTHON:-$PWD/.venv-openpi/bin/python}
 exec .venv/bin/python -m pytest -ra "$@"
