@@ -44,7 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--url", default="http://127.0.0.1:6006", help="the reward app (a public address works too)")
     parser.add_argument("--token", help="bearer token, when the app has REWARD_SERVER_TOKEN set")
-    parser.add_argument("--tasks", nargs="+", default=["cartpole"], help="task names or gym:<EnvId>")
+    parser.add_argument("--tasks", nargs="+", default=["cartpole"],
+                        help="task names, gym:<EnvId>, libero:<suite>:<task_id>, or a JSON object for a full spec")
     parser.add_argument("--repeat", type=int, default=1, help="send each task this many times")
     parser.add_argument("--episodes", type=int, default=None, help="episodes per task (default: the app's)")
     parser.add_argument("--seed", type=int, default=None)
@@ -62,7 +63,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"reward app at {args.url} is not healthy ({status}): {health}", file=sys.stderr)
         return 1
     kwargs = {k: v for k, v in (("episodes", args.episodes), ("seed", args.seed), ("max_workers", args.max_workers)) if v is not None}
-    tasks = [t for t in args.tasks for _ in range(args.repeat)]
+    try:
+        specs = [json.loads(t) if t.lstrip().startswith("{") else t for t in args.tasks]
+    except json.JSONDecodeError as exc:
+        parser.error(f"--tasks: a task starting with '{{' must be a JSON object: {exc}")
+    tasks = [t for t in specs for _ in range(args.repeat)]
     chunks = [list(range(i, min(i + args.per_request, len(tasks)))) for i in range(0, len(tasks), args.per_request)]
     results: list[dict | None] = [None] * len(tasks)
     started = time.monotonic()
@@ -92,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
         mean = "-" if r.get("mean_return") is None else f"{r['mean_return']:.1f}"
         succ = "-" if r.get("successes") is None else str(r["successes"])
         where = r.get("error") or ",".join(s.rsplit(":", 1)[-1] for s in r.get("servers", []))
-        print(f"{i:>3}  {task:<18} {score_text:>6} {r.get('episodes', 0) or 0:>8} {succ:>5} {mean:>11} "
+        label = task if isinstance(task, str) else str(task.get("task") or task.get("kind") or "spec")
+        print(f"{i:>3}  {label:<18} {score_text:>6} {r.get('episodes', 0) or 0:>8} {succ:>5} {mean:>11} "
               f"{r.get('seconds', 0) or 0:>6.2f}  {where}")
     scores = [r["score"] for r in results if r and r.get("score") is not None]
     if scores:

@@ -185,13 +185,16 @@ def stall(url: str, n: int, senders: int, frame_rows: int) -> dict:
             "big_frame_mb": round(frame_rows * 2 * 224 * 224 * 3 / 2**20, 2)}
 
 
-def start_serial(model: str) -> tuple[subprocess.Popen, str]:
+def start_serial(model: str, device: str = "cpu") -> tuple[subprocess.Popen, str]:
     proc = subprocess.Popen(
-        [sys.executable, str(ROOT / "bench" / "serial_server.py"), "--model", model, "--port", "0"],
+        [sys.executable, str(ROOT / "bench" / "serial_server.py"), "--model", model, "--port", "0", "--device", device],
         stdout=subprocess.PIPE, text=True,
     )
-    line = proc.stdout.readline()
-    match = re.search(r":(\d+)$", line.strip())
+    match, line = None, ""
+    for line in proc.stdout:  # a model may print while it loads (LeRobot does)
+        match = re.search(r"listening on ws://[^:]+:(\d+)$", line.strip())
+        if match:
+            break
     if not match:
         proc.kill()
         raise RuntimeError(f"serial server did not start: {line!r}")
