@@ -5,7 +5,7 @@
 
 With no ``--checkpoint``, a SmolVLA with random weights is built offline
 (``scripts/make_tiny_smolvla.py``; ``--size full`` has SmolVLA's real shapes,
-about 400 M parameters: for a GPU). At each number of concurrent clients (one
+356 M parameters: for a GPU). At each number of concurrent clients (one
 connection each, lock-step, LIBERO-sized observations), in one run so the
 ratios are side by side:
 
