@@ -9,7 +9,8 @@
 #   MODEL_SERVER_CMD='cd /opt/openpi && exec uv run scripts/serve_policy.py --port {port} policy:checkpoint
 #     --policy.config=pi05_libero --policy.dir=/ckpt/pi05_libero'
 # It gets the same pinning, PID file, log, health wait (GET /healthz answers 200; a WebSocket-only
-# server's 426 counts too) and stop as gpu_worker.
+# server's 426 counts too) and stop as gpu_worker. The process sees its GPU as cuda:0 ({gpu} is the
+# host's index, for names and logs); openpi's serve_policy.py binds 0.0.0.0 whatever {host} says.
 #
 # Environment (all optional):
 #   BASE_PORT=8000  NUM_CPU_SERVERS=2  NUM_GPUS=<detected by nvidia-smi>  HOST=127.0.0.1

@@ -11,14 +11,18 @@ Rules it keeps:
   when nothing frees up in time;
 * a connection that errors or times out is closed and never handed out again,
   so a late reply can never become someone else's answer; a server whose
-  connection broke or that let a request time out leaves rotation at once;
+  connection broke, or that let a request time out without answering anything
+  on any connection meanwhile (hung, not merely queued), leaves rotation;
 * a server out of rotation is probed cheaply (``GET /healthz``) every
   ``probe_interval_s``; only when that answers does the pool reconnect, and
   a failed reconnect backs off exponentially (``backoff_initial_s`` up to
   ``backoff_max_s``), so a server that comes back rejoins within about one
   probe interval however long it was away. A server that timed out must also
-  answer a real inference (the last observation any server answered) before
-  it rejoins: a hung server that still answers ``/healthz`` stays out;
+  answer a real inference (the last observation any server answered, else
+  zeros shaped from a gpu_worker's metadata) before it rejoins: a hung server
+  that still answers ``/healthz`` stays out. Only with nothing to probe with
+  (an openpi server before any request succeeded) does ``/healthz`` let it
+  back, with its backoff kept until a real request succeeds there;
 * :meth:`ClientPool.infer` retries on another server when the first one died,
   timed out, was overloaded or is shutting down, so a task's result is
   neither lost nor duplicated; a request the server rejects as bad (or a model
@@ -108,6 +112,7 @@ class _Server:
     reconnect_at: float = 0.0  # no reconnect before this (backoff after a failed one)
     needs_inference: bool = False  # it timed out: /healthz alone cannot bring it back
     checking: bool = False  # a check of this server is running on its own thread
+    last_reply_at: float = 0.0  # when any of its connections last got a reply
     last_healthy_check: float = 0.0
     kind: str | None = None  # from the metadata frame: "gpu_worker", or "openpi-compatible"
     explicit_batch: bool | None = None  # None until a connection has read the metadata
@@ -399,9 +404,15 @@ class ClientPool:
                 continue
             except TimeoutError as exc:
                 # The server may still answer later: this connection must never be reused. A server that
-                # let a request time out leaves rotation until it answers a real inference again.
+                # answered nothing on any connection meanwhile is hung: it leaves rotation until it answers a
+                # real inference again. One that did answer is only slow or queued (a serial server under
+                # load), and stays in rotation.
                 self._release(server, conn, keep=False)
-                self._mark_down(server, f"no reply within {self.request_timeout_s:g}s", needs_inference=True)
+                message = f"no reply within {self.request_timeout_s:g}s"
+                if server.last_reply_at < started:
+                    self._mark_down(server, message, needs_inference=True)
+                else:
+                    self._record_error(server, message + " (it answered others meanwhile: slow, not hung)")
                 tried.add(server)
                 last_error = f"{server.url}: timed out after {self.request_timeout_s:g}s ({exc})"
                 continue
@@ -422,7 +433,11 @@ class ClientPool:
                 raise
             with self._cond:
                 server.requests += 1
-                server.latencies_ms.append((time.monotonic() - started) * 1000)
+                server.last_reply_at = time.monotonic()
+                server.latencies_ms.append((server.last_reply_at - started) * 1000)
+                if server.needs_inference:  # it rejoined without a probe (none was known) and has now answered
+                    server.needs_inference = False
+                    server.backoff_s = 0.0
             self._release(server, conn, keep=True)
             return result, server.url
         raise InferenceFailed(f"inference failed after {self.retries + 1} attempt(s); last error: {last_error}")
@@ -461,21 +476,27 @@ class ClientPool:
         except Exception:  # noqa: BLE001 - anything that is not a 200 from /healthz (garbage, resets) is unhealthy
             return False
 
-    def _probe_inference(self, conn: ModelClient) -> str | None:
-        """A real inference on a fresh connection: None when it answered, else what went wrong."""
-        probe = self._probe
+    def _probe_inference(self, conn: ModelClient) -> tuple[bool, str | None]:
+        """A real inference on a fresh connection: (whether one was sent, what went wrong or None).
+
+        The probe is the last observation any server answered, else (gpu_worker) zeros shaped from the
+        metadata. With neither there is nothing to send."""
+        probe = self._probe or _probe_from_metadata(conn)
         if probe is None:
-            return None  # nothing has been answered yet, so there is nothing known-good to send
+            return False, None
         obs, model = probe
         try:
             conn.infer(_addressed(conn, obs, model))
         except ServerError as exc:
             message = str(exc)
+            if not _keeps_connection_after_error(conn):
+                conn.broken = True  # openpi's server closes a connection after an error reply
             # An answer, even an error, shows the server is alive; only overload and shutdown keep it out.
-            return f"probe inference: {message[:200]}" if message.startswith(_RETRYABLE_REPLIES) else None
+            return True, (f"probe inference: {message[:200]}" if message.startswith(_RETRYABLE_REPLIES) else None)
         except Exception as exc:  # noqa: BLE001 - timeouts, resets: it is still not serving
-            return f"probe inference failed: {type(exc).__name__}: {exc}"
-        return None
+            conn.broken = True
+            return True, f"probe inference failed: {type(exc).__name__}: {exc}"
+        return True, None
 
     def _try_bring_up(self, server: _Server) -> None:
         """Cheap probe on a fixed interval; the expensive reconnect (and probe inference) with backoff."""
@@ -498,20 +519,23 @@ class ClientPool:
             except Exception as exc:  # noqa: BLE001
                 error = f"connect failed: {type(exc).__name__}: {exc}"
                 break
+        probed = False
         if opened and error is None and server.needs_inference:
-            error = self._probe_inference(opened[0])
-            if error is not None:
-                opened[0].broken = True  # its reply may still arrive: never reuse it
+            probed, error = self._probe_inference(opened[0])
+        usable = [c for c in opened if not getattr(c, "broken", False)]
         with self._cond:
-            if opened and error is None and not self._closed:
+            if usable and error is None and not self._closed:
                 was = server.state
                 server.state = UP
-                server.backoff_s = 0.0
                 server.reconnect_at = 0.0
-                server.needs_inference = False
+                if probed or not server.needs_inference:
+                    server.backoff_s = 0.0
+                    server.needs_inference = False
+                else:  # back on /healthz alone (nothing to probe with): a real request must still succeed there
+                    server.backoff_s = min(max(server.backoff_s * 2, self.backoff_initial_s), self.backoff_max_s)
                 server.last_healthy_check = time.monotonic()
-                server.idle.extend(opened)
-                opened = []
+                server.idle.extend(usable)
+                opened = [c for c in opened if c not in usable]
                 self._cond.notify_all()
                 if was == DOWN:
                     logger.info("model server %s is back in rotation", server.url)
@@ -534,6 +558,8 @@ class ClientPool:
                 self._mark_down(server, "GET /healthz failed")
         except Exception:  # noqa: BLE001 - a check must outlive any one server's oddities
             logger.error("health check of %s failed", server.url, exc_info=True)
+            with self._cond:
+                server.next_check = time.monotonic() + self.probe_interval_s
         finally:
             with self._cond:
                 server.checking = False
@@ -549,7 +575,12 @@ class ClientPool:
                 for server in due:
                     server.checking = True
             for server in due:
-                threading.Thread(target=self._check, args=(server,), name="client-pool-check", daemon=True).start()
+                try:
+                    threading.Thread(target=self._check, args=(server,), name="client-pool-check", daemon=True).start()
+                except RuntimeError:  # no thread to be had now: try this server again on a later round
+                    logger.error("cannot start a health check thread for %s", server.url, exc_info=True)
+                    with self._cond:
+                        server.checking = False
             self._wake.wait(0.05)
             self._wake.clear()
 
@@ -590,6 +621,25 @@ class ClientPool:
                 "errors": sum(s["errors"] for s in servers),
             },
         }
+
+
+def _probe_from_metadata(conn: ModelClient) -> tuple[dict[str, Any], str | None] | None:
+    """Zeros for every input of a gpu_worker's default model, from its metadata frame; None elsewhere."""
+    metadata = conn.metadata if isinstance(conn.metadata, dict) else {}
+    models, name = metadata.get("models"), metadata.get("model")
+    spec = models.get(name, {}).get("inputs") if isinstance(models, dict) and isinstance(models.get(name), dict) else None
+    if not getattr(conn, "selects_models", False) or not isinstance(spec, dict):
+        return None
+    obs: dict[str, Any] = {}
+    try:
+        for key, entry in spec.items():
+            if entry["dtype"] == "str":
+                obs[key] = ""
+            else:
+                obs[key] = np.zeros([1 if d == -1 else int(d) for d in entry["shape"]], dtype=np.dtype(entry["dtype"]))
+    except (KeyError, TypeError, ValueError):
+        return None
+    return obs, name
 
 
 def _addressed(conn: ModelClient, obs: dict[str, Any], model: str | None) -> dict[str, Any]:

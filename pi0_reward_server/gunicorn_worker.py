@@ -8,14 +8,20 @@ nothing. This worker keeps accepting during the drain, but only to answer each
 new connection at once with ``503 Service Unavailable`` and ``Retry-After``
 (on a short-lived thread, so the event loop that finishes in-flight work is
 never blocked), so a client or load balancer retries elsewhere straight away.
+
+Only when the whole app stops: when gunicorn merely replaces this worker (a
+reload, a worker restart) a sibling serves new connections, so the worker
+then stops accepting exactly as stock gthread does.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import selectors
 import socket
 import threading
+import time
 
 from gunicorn.workers.gthread import ThreadWorker
 
@@ -31,11 +37,16 @@ _READ_LIMIT = 256 * 1024  # what a refusal reads of the request before answering
 
 
 class DrainingThreadWorker(ThreadWorker):
+    _refusing = False
+    _refusals = threading.BoundedSemaphore(64)  # refusals being answered at once; past it, a plain close
+
     def set_accept_enabled(self, enabled: bool) -> None:
-        if enabled or self.alive:
-            super().set_accept_enabled(enabled)  # normal running, including back-pressure on worker_connections
+        if enabled or self.alive or not self._shutting_down():
+            super().set_accept_enabled(enabled)  # running (with back-pressure), or a lone worker being replaced
             return
-        # Graceful stop: the listeners stay registered, now to refuse. (Cleanup closes them when the drain ends.)
+        if self._refusing:
+            return
+        # Graceful stop of the whole app: the listeners stay registered, now to refuse (cleanup closes them).
         for listener in self.sockets:
             listener.setblocking(False)
             if self._accepting:
@@ -43,31 +54,56 @@ class DrainingThreadWorker(ThreadWorker):
             else:
                 self.poller.register(listener, selectors.EVENT_READ, self._refuse)
         self._accepting = False
+        self._refusing = True
+
+    def _shutting_down(self) -> bool:
+        """Whether the master has closed its listeners: it does so when the app stops, but not when it only
+        replaces this worker (reload, a worker restart), where a sibling serves new connections and
+        refusing them would be wrong. Read from /proc; elsewhere, or with TLS, behave as stock gthread."""
+        if self.cfg.is_ssl:
+            return False
+        try:
+            ours = {os.fstat(listener.fileno()).st_ino for listener in self.sockets}
+            held = set()
+            for fd in os.scandir(f"/proc/{self.ppid}/fd"):
+                target = os.readlink(fd.path)
+                if target.startswith("socket:["):
+                    held.add(int(target[8:-1]))
+        except (OSError, ValueError):
+            return False
+        return not (ours & held)
 
     def _refuse(self, listener: socket.socket) -> None:
         try:
             client, _ = listener.accept()
         except OSError:
             return  # another worker took it, or it went away
-        threading.Thread(target=_answer_refusal, args=(client,), name="drain-refusal", daemon=True).start()
+        if not self._refusals.acquire(blocking=False):
+            client.close()  # a flood of connections during the drain: no thread each
+            return
+        threading.Thread(target=_answer_refusal, args=(client, self._refusals), name="drain-refusal",
+                         daemon=True).start()
 
 
-def _answer_refusal(client: socket.socket) -> None:
+def _answer_refusal(client: socket.socket, slots: threading.BoundedSemaphore) -> None:
     """Read the request head (closing with unread data would reset the connection before the client reads the
-    answer), answer 503, and close once the client has had it."""
+    answer), answer 503, and close once the client has had it; two seconds at most."""
+    deadline = time.monotonic() + 2.0
     try:
         client.setblocking(True)
-        client.settimeout(2.0)
         received = b""
         while b"\r\n\r\n" not in received and len(received) < _READ_LIMIT:
+            client.settimeout(max(0.01, deadline - time.monotonic()))
             chunk = client.recv(65536)
             if not chunk:
                 break
             received += chunk
+        client.settimeout(max(0.01, deadline - time.monotonic()))
         client.sendall(_REFUSAL)
         client.shutdown(socket.SHUT_WR)
         read = 0
         while read < _READ_LIMIT:  # let the client finish sending its body, then see our FIN
+            client.settimeout(max(0.01, deadline - time.monotonic()))
             chunk = client.recv(65536)
             if not chunk:
                 break
@@ -76,3 +112,4 @@ def _answer_refusal(client: socket.socket) -> None:
         pass
     finally:
         client.close()
+        slots.release()

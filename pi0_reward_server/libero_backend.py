@@ -150,7 +150,8 @@ def egl_device_environment() -> None:
     CUDA device visible, EGL picks its first device (a GPU's EGL device or
     Mesa's software one), exactly as when the variable is unset; what CUDA sees
     does not change. A value that is neither empty nor device indices (GPU
-    UUIDs) gets a clear error unless ``MUJOCO_EGL_DEVICE_ID`` says which to use.
+    UUIDs) gets a clear error (robosuite would fail on it) unless
+    ``MUJOCO_EGL_DEVICE_ID`` is set.
     """
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible is None or os.environ.get("MUJOCO_GL", "egl") != "egl":
@@ -162,7 +163,8 @@ def egl_device_environment() -> None:
             part.strip().isascii() and part.strip().isdigit() for part in visible.split(",")):
         raise RuntimeError(
             f"CUDA_VISIBLE_DEVICES={visible!r} is not a list of device indices, which robosuite's EGL renderer "
-            "needs: set MUJOCO_EGL_DEVICE_ID to the EGL device to render on (e.g. 0), or use MUJOCO_GL=osmesa")
+            "needs: use MUJOCO_GL=osmesa, or give the LIBERO processes CUDA_VISIBLE_DEVICES as indices (or empty); "
+            "MUJOCO_EGL_DEVICE_ID works only where robosuite finds its text inside CUDA_VISIBLE_DEVICES")
 
 
 def render_check() -> str:

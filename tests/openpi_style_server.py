@@ -12,7 +12,8 @@ hosts a checkpoint: one observation, a batch of one, the row sent back.
 ``hang=True`` makes it accept connections, send the metadata frame and never
 answer (a hung server; set ``hang = False`` to let it recover). ``barrier``: a ``threading.Barrier`` each inference
 waits on first (with its event loop blocked, as openpi's is), so a test can
-prove that two servers were asked at the same time.
+prove that two servers were asked at the same time. ``delay_s``: each inference
+takes this long, with the event loop blocked (a slow serial server).
 
 As a program (what ``start_pi0_models.sh``'s ``MODEL_SERVER_CMD`` runs in tests)::
 
@@ -27,6 +28,7 @@ import pathlib
 import signal
 import sys
 import threading
+import time
 import traceback
 from typing import Any
 
@@ -71,8 +73,9 @@ class HostedPolicy:
 
 class OpenpiStyleServer:
     def __init__(self, *, hang: bool = False, port: int = 0, model: str | None = None, host: str = "127.0.0.1",
-                 barrier: threading.Barrier | None = None) -> None:
+                 barrier: threading.Barrier | None = None, delay_s: float = 0.0) -> None:
         self.hang = hang
+        self.delay_s = delay_s
         self.barrier = barrier
         self.host = host
         self.requested_port = port
@@ -111,6 +114,8 @@ class OpenpiStyleServer:
                 self.requests += 1
                 if self.barrier is not None:
                     self.barrier.wait(timeout=10)
+                if self.delay_s:
+                    time.sleep(self.delay_s)  # blocks the event loop, as openpi's inference does
                 action = self.policy.infer(obs)  # on the event loop, like openpi
                 timing = {"infer_ms": (self._loop.time() - started) * 1000}
                 if prev_total_ms is not None:

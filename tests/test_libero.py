@@ -203,8 +203,14 @@ def test_render_check_and_environments_work_with_cuda_visible_devices_empty():
               "_, _, bddl = lb.load_task('libero_spatial', 0)\n"
               "env = lb.make_env(bddl, 0); env.reset(); env.close()\n"
               "print('rendered with', backend)\n")
-    env = {k: v for k, v in os.environ.items() if k not in ("MUJOCO_GL", "PYOPENGL_PLATFORM", "MUJOCO_EGL_DEVICE_ID")}
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("MUJOCO_GL", "PYOPENGL_PLATFORM", "MUJOCO_EGL_DEVICE_ID", "CUDA_VISIBLE_DEVICES")}
+    unset = subprocess.run([sys.executable, "-c", script], env=env, cwd=ROOT, capture_output=True, text=True,
+                           timeout=300)
+    assert unset.returncode == 0, unset.stderr[-3000:]
+    backend = unset.stdout.split("rendered with")[-1].strip()  # EGL where it works, else OSMesa
     for visible in ("", " "):
         done = subprocess.run([sys.executable, "-c", script], env={**env, "CUDA_VISIBLE_DEVICES": visible},
                               cwd=ROOT, capture_output=True, text=True, timeout=300)
-        assert done.returncode == 0 and "rendered with" in done.stdout, done.stderr[-3000:]
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert done.stdout.split("rendered with")[-1].strip() == backend  # the same backend: EGL did not fail

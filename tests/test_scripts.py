@@ -178,10 +178,25 @@ def test_start_runs_any_openpi_compatible_server_from_a_command_template(script_
         assert [int(r["actions"]) for r in replies] == [int(replies[0]["actions"])] * 4
         assert {s["server"] for s in pool.status()["servers"]} == {"openpi-compatible"}
 
-    servers = [int(line.split()[0]) for line in subprocess.run(
-        ["ps", "-e", "-o", "pid=,args="], capture_output=True, text=True).stdout.splitlines()
-        if str(server) in line and "bash -c" not in line]
-    assert len(servers) == 2 and not set(servers) & set(leaders)  # the servers are children of the wrappers
+    def tagged(tag: str) -> list[int]:
+        found = []
+        for environ in pathlib.Path("/proc").glob("[0-9]*/environ"):
+            try:
+                if f"PI0_MODEL_SERVER_TAG={tag}".encode() in environ.read_bytes().split(b"\0"):
+                    found.append(int(environ.parent.name))
+            except OSError:
+                continue
+        return found
+
+    run_dir = (tmp_path / "run").resolve()
+    processes = [pid for i in range(2) for pid in tagged(f"{run_dir}:{i}") if alive(pid)]
+    servers = [pid for pid in processes if pid not in leaders]
+    assert len(servers) == 2  # each wrapper shell (the leader) has the server as its child
+    os.kill(leaders[0], signal.SIGKILL)  # a wrapper that died: its server, still running, must be stopped too
+    deadline = time.monotonic() + 10
+    while alive(leaders[0]):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
     stop = run("stop_pi0_models.sh", env)
     assert stop.returncode == 0 and "stopped 2 model server(s)" in stop.stdout, stop.stdout + stop.stderr
     deadline = time.monotonic() + 10
