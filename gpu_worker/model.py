@@ -21,6 +21,7 @@ command line or in a config file, never by a request: the class's
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import importlib
 import pathlib
 from typing import Any, ClassVar, Mapping, Protocol, runtime_checkable
@@ -155,7 +156,9 @@ class TorchPolicy:
         if checkpoint is not None:
             state = torch.load(checkpoint, map_location="cpu", weights_only=True)
             model.load_state_dict(state)
-            model.version = pathlib.Path(checkpoint).name
+            # The file's name and a digest of its bytes: another checkpoint under the same name is another version.
+            digest = hashlib.sha256(pathlib.Path(checkpoint).read_bytes()).hexdigest()[:12]
+            model.version = f"{pathlib.Path(checkpoint).name}@{digest}"
         model.to(device=device, dtype=param_dtype)
         model.eval()
         model.device = device

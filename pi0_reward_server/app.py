@@ -1,4 +1,5 @@
-"""The reward app: ``POST /score``, ``GET /pool_status``, ``GET /health``.
+"""The reward app: ``POST /score``, jobs (``POST /jobs``, ``GET /jobs``, ``GET|DELETE /jobs/<id>``,
+``GET /jobs/<id>/events``), ``GET /pool_status``, ``GET /health``.
 
 Run it with ``flask --app 'pi0_reward_server.app:create_app()' run`` in
 development or ``gunicorn -c pi0_reward_server/gunicorn_config.py
@@ -11,16 +12,20 @@ from __future__ import annotations
 
 import atexit
 import hmac
+import json
 import logging
+import pathlib
 import threading
 import time
 from typing import Any, Mapping
 
-from flask import Flask, jsonify, request
+from flask import Flask, Response, jsonify, request, stream_with_context
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from pi0_reward_server.client_pool import ClientPool
 from pi0_reward_server.config import AppConfig, load_config
+from pi0_reward_server.jobs.runner import JobRunner
+from pi0_reward_server.jobs.store_sqlite import TERMINAL, SQLiteStore, StoreError, UnusableStore
 from pi0_reward_server.rollout import DeadlinePolicy, PoolPolicy, run_tasks
 from pi0_reward_server.tasks import Limits, TaskError, parse_task, task_work, validate_kwargs
 
@@ -152,55 +157,195 @@ def create_app(config: AppConfig | Mapping[str, Any] | None = None, *, pool: Cli
             raise BadRequest("reward_function_kwargs.max_workers", f"must be an integer between 1 and {settings.max_workers_cap}, got {max_workers!r}")
         return responses, kwargs, max_workers
 
-    @app.post("/score")
-    def score():
-        if not authorized():
-            return unauthorized()
-        started = time.monotonic()
-        try:
-            responses, kwargs, max_workers = parse_body()
-            tasks = [parse_task(i, response, kwargs, limits) for i, response in enumerate(responses)]
-            steps, simulations = (sum(w) for w in zip(*(task_work(t, limits) for t in tasks)))
-            if steps > settings.max_env_steps_per_request:
-                raise BadRequest("responses", f"asks for up to {steps} environment steps; at most "
-                                              f"{settings.max_env_steps_per_request} per request (split it)")
-            if simulations > settings.max_simulations_per_request:
-                raise BadRequest("responses", f"asks for up to {simulations} MCTS simulations; at most "
-                                              f"{settings.max_simulations_per_request} per request (split it)")
-            if len(tasks) > settings.max_inflight_tasks:
-                raise BadRequest("responses", f"holds {len(tasks)} tasks; at most {settings.max_inflight_tasks} can be "
-                                              "in flight in one app worker (max_inflight_tasks): split it")
-        except (BadRequest, TaskError) as exc:
-            return jsonify(error=str(exc), field=exc.field), 400
-        if not admission.acquire(len(tasks)):
-            return retry_later(429, f"busy: {admission.inflight} tasks in flight in this worker "
-                                    f"(max_inflight_tasks={settings.max_inflight_tasks}); retry later")
-        try:
-            return run_scoring(tasks, max_workers, started)
-        finally:
-            admission.release(len(tasks))
+    try:
+        store = SQLiteStore(pathlib.Path(settings.data_dir) / "jobs.sqlite3")
+    except StoreError as exc:  # serve what needs no store (/health, /pool_status); work answers 503 saying why
+        logger.error("the job store is not usable: %s", exc)
+        store = UnusableStore(str(exc))
+    app.extensions["job_store"] = store
 
-    def run_scoring(tasks: list, max_workers: int, started: float):
-        if pool.healthy_servers == 0:
-            return retry_later(503, "no model server is usable; see /pool_status")
-        deadline = started + settings.max_request_seconds
+    def run_job_tasks(tasks: list, max_workers: int, deadline: float, trackers: list, on_result) -> list:
+        budget = max(0.0, deadline - time.monotonic())
         offload = None
         if settings.libero_execution == "process" and any(t.backend == "libero" for t in tasks):
             runner = libero_runner()
-            offload = lambda task: runner.run(task, deadline, settings.max_request_seconds,  # noqa: E731
-                                              settings.failure_score)
-        results = run_tasks(
-            tasks, lambda model: DeadlinePolicy(PoolPolicy(pool, model), deadline, settings.max_request_seconds),
-            max_workers=max_workers, failure_score=settings.failure_score, offload=offload,
-        )
-        failures = sum(r.error is not None for r in results)
-        return jsonify(
-            scores=[r.score for r in results],
-            details=[r.to_dict() for r in results],
-            failures=failures,
-            max_workers=max_workers,
-            seconds=time.monotonic() - started,
-        )
+            offload = lambda task, tracker: runner.run(task, deadline, budget, settings.failure_score,  # noqa: E731
+                                                       tracker)
+        return run_tasks(tasks, lambda model: DeadlinePolicy(PoolPolicy(pool, model), deadline, budget),
+                         max_workers=max_workers, failure_score=settings.failure_score, offload=offload,
+                         trackers=trackers, on_result=on_result)
+
+    jobs = JobRunner(store, run_tasks=run_job_tasks, model_version=pool.model_version,
+                     failure_score=settings.failure_score, max_concurrent_jobs=settings.max_concurrent_jobs,
+                     job_stale_s=settings.job_stale_s, retention_s=settings.job_retention_s)
+    app.extensions["job_runner"] = jobs
+    atexit.register(jobs.close)
+
+    def parse_work() -> tuple[dict, list, dict[str, Any], int]:
+        """The validated body, its tasks, kwargs and fan-out; BadRequest or TaskError on anything wrong."""
+        responses, kwargs, max_workers = parse_body()
+        tasks = [parse_task(i, response, kwargs, limits) for i, response in enumerate(responses)]
+        steps, simulations = (sum(w) for w in zip(*(task_work(t, limits) for t in tasks)))
+        if steps > settings.max_env_steps_per_request:
+            raise BadRequest("responses", f"asks for up to {steps} environment steps; at most "
+                                          f"{settings.max_env_steps_per_request} per request (split it)")
+        if simulations > settings.max_simulations_per_request:
+            raise BadRequest("responses", f"asks for up to {simulations} MCTS simulations; at most "
+                                          f"{settings.max_simulations_per_request} per request (split it)")
+        if len(tasks) > settings.max_inflight_tasks:
+            raise BadRequest("responses", f"holds {len(tasks)} tasks; at most {settings.max_inflight_tasks} can be "
+                                          "in flight in one app worker (max_inflight_tasks): split it")
+        body = {"responses": responses, "reward_function_kwargs": kwargs}
+        return body, tasks, kwargs, max_workers
+
+    def submit(deadline_s: float):
+        """Validate, admit and submit: (job id, created) or an error response."""
+        try:
+            body, tasks, kwargs, max_workers = parse_work()
+        except (BadRequest, TaskError) as exc:
+            return None, (jsonify(error=str(exc), field=exc.field), 400)
+        key = request.headers.get("Idempotency-Key")
+        if key is not None and not (0 < len(key) <= 200 and key.isprintable()):
+            return None, (jsonify(error="Idempotency-Key must be 1 to 200 printable characters",
+                                  field="Idempotency-Key"), 400)
+        if pool.healthy_servers == 0:
+            return None, retry_later(503, "no model server is usable; see /pool_status")
+        if not admission.acquire(len(tasks)):
+            return None, retry_later(429, f"busy: {admission.inflight} tasks in flight in this worker "
+                                          f"(max_inflight_tasks={settings.max_inflight_tasks}); retry later")
+        try:
+            return jobs.submit(body, tasks, max_workers=max_workers, deadline_s=deadline_s,
+                               use_cache=kwargs.get("cache", True), idempotency_key=key,
+                               on_end=lambda: admission.release(len(tasks))), None
+        except StoreError as exc:
+            admission.release(len(tasks))
+            return None, retry_later(503, f"the job store is not usable: {exc}")
+
+    @app.post("/score")
+    def score():
+        """Submit and wait: the same path as a job, answered when it ends."""
+        if not authorized():
+            return unauthorized()
+        submitted, error = submit(settings.max_request_seconds)
+        if error is not None:
+            return error
+        job_id, _ = submitted
+        job = jobs.wait(job_id, settings.max_request_seconds + 60)
+        if job is None or job["result"] is None:
+            reason = (job or {}).get("error") or "the job did not finish in time"
+            return jsonify(error=f"job {job_id} {(job or {}).get('state', 'vanished')}: {reason}", job_id=job_id), 500
+        return jsonify(job["result"])
+
+    def job_view(job: dict) -> dict:
+        tasks = job.get("tasks", [])
+        ended = [t for t in tasks if t["state"] in ("done", "failed") or t["result"] is not None]
+        units_total = sum(t["units_total"] for t in tasks) or 1
+        units_done = sum(t["units_done"] for t in tasks)
+        view = {
+            "id": job["id"], "state": job["state"], "created": job["created"], "started": job["started"],
+            "finished": job["finished"], "error": job["error"],
+            "tasks": {"total": job["total"], "done": len(ended)},
+            "units": {"total": units_total, "done": units_done},
+            "progress": round(units_done / units_total, 4),
+            "partial_scores": [t["score"] for t in tasks],
+        }
+        if job["state"] == "running" and job["started"] and units_done:
+            elapsed = time.time() - job["started"]
+            view["eta_s"] = round(elapsed * (units_total - units_done) / units_done, 1)
+        if job["state"] in TERMINAL:
+            view["result"] = job["result"]
+        return view
+
+    def get_job_or_404(job_id: str):
+        if not (0 < len(job_id) <= 64 and job_id.isalnum()):
+            return None, (jsonify(error=f"no job {job_id[:64]!r}"), 404)
+        job = store.get(job_id)
+        if job is None:
+            return None, (jsonify(error=f"no job {job_id!r} (unknown, or expired after job_retention_s)"), 404)
+        return job, None
+
+    @app.post("/jobs")
+    def submit_job():
+        if not authorized():
+            return unauthorized()
+        submitted, error = submit(settings.max_job_seconds)
+        if error is not None:
+            return error
+        job_id, created = submitted
+        response = jsonify(id=job_id, created=created, url=f"/jobs/{job_id}", events=f"/jobs/{job_id}/events")
+        response.status_code = 202
+        response.headers["Location"] = f"/jobs/{job_id}"
+        return response
+
+    @app.get("/jobs")
+    def list_jobs():
+        if not authorized():
+            return unauthorized()
+        try:
+            limit = int(request.args.get("limit", 20))
+            offset = int(request.args.get("offset", 0))
+        except ValueError:
+            return jsonify(error="limit and offset must be integers", field="query"), 400
+        if not (1 <= limit <= 200 and 0 <= offset <= 10**9):
+            return jsonify(error="limit must be 1 to 200 and offset at least 0", field="query"), 400
+        items, total = store.list(limit=limit, offset=offset)
+        return jsonify(jobs=items, total=total, limit=limit, offset=offset)
+
+    @app.get("/jobs/<job_id>")
+    def get_job(job_id: str):
+        if not authorized():
+            return unauthorized()
+        job, error = get_job_or_404(job_id)
+        return error or jsonify(job_view(job))
+
+    @app.delete("/jobs/<job_id>")
+    def cancel_job(job_id: str):
+        if not authorized():
+            return unauthorized()
+        job, error = get_job_or_404(job_id)
+        if error:
+            return error
+        state = jobs.cancel(job_id)
+        return jsonify(id=job_id, state=state)
+
+    @app.get("/jobs/<job_id>/events")
+    def job_events(job_id: str):
+        """Server-sent events: ``progress`` whenever the job moves, then one ``result`` (or ``end``), then the
+        stream closes. The store is the truth; this only reports it."""
+        if not authorized():
+            return unauthorized()
+        job, error = get_job_or_404(job_id)
+        if error:
+            return error
+
+        def stream():
+            last, sent, quiet_since = None, 0, time.monotonic()
+            yield "retry: 2000\n\n"
+            while True:
+                job = store.get(job_id)
+                if job is None:
+                    yield f"event: end\ndata: {json.dumps({'id': job_id, 'state': 'expired'})}\n\n"
+                    return
+                view = job_view(job)
+                terminal = job["state"] in TERMINAL and (job["result"] is not None or job["state"] != "done")
+                progress = {k: view[k] for k in ("id", "state", "tasks", "units", "progress", "partial_scores")}
+                if view.get("eta_s") is not None:
+                    progress["eta_s"] = view["eta_s"]
+                if progress != last:
+                    sent += 1
+                    last, quiet_since = progress, time.monotonic()
+                    yield f"id: {sent}\nevent: progress\ndata: {json.dumps(progress)}\n\n"
+                if terminal:
+                    sent += 1
+                    yield f"id: {sent}\nevent: result\ndata: {json.dumps(view)}\n\n"
+                    return
+                if time.monotonic() - quiet_since > 15:
+                    quiet_since = time.monotonic()
+                    yield ": keep-alive\n\n"
+                time.sleep(0.25)
+
+        return Response(stream_with_context(stream()), mimetype="text/event-stream",
+                        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     @app.get("/pool_status")
     def pool_status():
@@ -227,6 +372,11 @@ def create_app(config: AppConfig | Mapping[str, Any] | None = None, *, pool: Cli
                 discarded += len(chunk)
             raise RequestEntityTooLarge(f"the body is larger than max_body_bytes ({settings.max_body_bytes} bytes)")
         return None
+
+    @app.errorhandler(StoreError)
+    def store_failed(exc: StoreError):
+        logger.error("job store error: %s", exc)
+        return retry_later(503, f"the job store is not usable: {exc}")
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException):

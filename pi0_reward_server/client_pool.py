@@ -116,6 +116,8 @@ class _Server:
     last_healthy_check: float = 0.0
     kind: str | None = None  # from the metadata frame: "gpu_worker", or "openpi-compatible"
     explicit_batch: bool | None = None  # None until a connection has read the metadata
+    versions: dict = dataclasses.field(default_factory=dict)  # hosted model -> version, from the metadata
+    default_model: str | None = None
 
     @property
     def load(self) -> int:
@@ -220,7 +222,30 @@ class ClientPool:
         conn = self._client_factory(server.url, **options)
         server.kind = getattr(conn, "server_name", None)
         server.explicit_batch = bool(getattr(conn, "explicit_batch", False))
+        metadata = getattr(conn, "metadata", None)
+        models = metadata.get("models") if isinstance(metadata, dict) else None
+        if isinstance(models, dict):
+            server.versions = {name: str(m.get("version")) for name, m in models.items()
+                               if isinstance(m, dict) and m.get("version") is not None}
+            server.default_model = metadata.get("default_model")
+        else:
+            server.versions, server.default_model = {}, None
         return conn
+
+    def model_version(self, model: str | None) -> str | None:
+        """``name@version`` of a hosted model (None: the servers' default) as every server in rotation
+        reports it; None when a server does not report versions (openpi's) or the servers disagree."""
+        with self._cond:
+            seen = set()
+            for server in self._servers:
+                if server.state != UP:
+                    continue
+                name = model if model is not None else server.default_model
+                version = server.versions.get(name) if name is not None else None
+                if version is None:
+                    return None
+                seen.add(f"{name}@{version}")
+        return seen.pop() if len(seen) == 1 else None
 
     def _pick(self, exclude: set[_Server], prefer: str | None, batch: bool = False) -> _Server | None:
         up = [s for s in self._servers if s.state == UP]

@@ -50,6 +50,12 @@ class AppConfig:
     failure_score: float = 0.0
     default_episodes: int = 10
     default_seed: int = 0
+    # Jobs and the result store
+    data_dir: str = "data"  # the SQLite job store (jobs.sqlite3) lives here
+    max_job_seconds: float = 86400.0  # a job's tasks still running then fail
+    max_concurrent_jobs: int = 8  # per app worker process; more wait queued
+    job_stale_s: float = 60.0  # a queued or running job whose process stopped beating this long is marked failed
+    job_retention_s: float = 7 * 86400.0  # finished jobs and cached results older than this are deleted
     # HTTP
     token: str | None = None
     max_body_bytes: int = 8 * 2**20
@@ -72,6 +78,7 @@ class AppConfig:
             ("retries", 0, 10),
             ("max_workers_cap", 1, 4096),
             ("max_inflight_tasks", 1, 10_000_000),
+            ("max_concurrent_jobs", 1, 1024),
             ("max_env_steps_per_request", 1, 10**12),
             ("libero_processes", 1, 256),
             ("max_simulations_per_request", 1, 10**12),
@@ -88,7 +95,8 @@ class AppConfig:
         if self.connections_per_server > self.max_connections_per_server:
             raise ConfigError("connections_per_server cannot exceed max_connections_per_server")
         for name in ("acquire_timeout_s", "request_timeout_s", "connect_timeout_s", "health_interval_s",
-                     "probe_interval_s", "backoff_initial_s", "backoff_max_s", "max_request_seconds"):
+                     "probe_interval_s", "backoff_initial_s", "backoff_max_s", "max_request_seconds",
+                     "max_job_seconds", "job_stale_s", "job_retention_s"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"{name} must be a positive number of seconds, got {value!r}")

@@ -260,7 +260,8 @@ def run_episode(env, init_state: np.ndarray, prompt: str, infer: Callable[[dict]
         raise EpisodeError(t, exc) from exc
 
 
-def run_libero_task(task: LiberoTask, policy_for, env_factory: Callable[..., Any] | None = None) -> Any:
+def run_libero_task(task: LiberoTask, policy_for, env_factory: Callable[..., Any] | None = None,
+                    tracker=None) -> Any:
     from pi0_reward_server.rollout import TaskResult
 
     started = time.monotonic()
@@ -293,6 +294,8 @@ def run_libero_task(task: LiberoTask, policy_for, env_factory: Callable[..., Any
                 errors.append(f"episode {i} (init state {index}): {exc}")
             successes += success
             steps += taken
+            if tracker is not None:
+                tracker.progress(i + 1)
     finally:
         if not cached:
             env.close()
@@ -348,12 +351,13 @@ def _cached_make_env(bddl: str, seed: int, horizon: int):
     return env
 
 
-def _run_in_worker(task: LiberoTask, deadline: float, budget_s: float, failure_score: float):
-    """``deadline`` is on time.monotonic(), which Linux keeps system-wide, so it means the same here."""
+def _run_in_worker(task: LiberoTask, deadline: float, budget_s: float, failure_score: float, tracker=None):
+    """``deadline`` is on time.monotonic(), which Linux keeps system-wide, so it means the same here.
+    ``tracker`` arrives pickled as the job store's path: progress and cancellation go through the store."""
     from pi0_reward_server.rollout import DeadlinePolicy, PoolPolicy, run_task
 
     return run_task(task, lambda model: DeadlinePolicy(PoolPolicy(_worker_pool, model), deadline, budget_s),
-                    failure_score, env_factory=_cached_make_env)
+                    failure_score, tracker=tracker, env_factory=_cached_make_env)
 
 
 class ProcessRunner:
@@ -390,14 +394,14 @@ class ProcessRunner:
                 broken.shutdown(wait=False, cancel_futures=True)
                 self._executor = self._new_executor()
 
-    def run(self, task: LiberoTask, deadline: float, budget_s: float, failure_score: float):
+    def run(self, task: LiberoTask, deadline: float, budget_s: float, failure_score: float, tracker=None):
         import concurrent.futures
         from concurrent.futures.process import BrokenProcessPool
 
         for attempt in range(2):
             executor = self._executor
             try:
-                future = executor.submit(_run_in_worker, task, deadline, budget_s, failure_score)
+                future = executor.submit(_run_in_worker, task, deadline, budget_s, failure_score, tracker)
                 return future.result(timeout=max(0.0, deadline - time.monotonic()) + self.GRACE_S)
             except BrokenProcessPool:
                 self._replace(executor)

@@ -101,7 +101,7 @@ PolicyFor = Callable[[str | None], BatchPolicy]
 """Gives the policy that serves a hosted model's name (None: the servers' default model)."""
 
 
-def run_gym_task(task: RolloutTask, policy_for: PolicyFor) -> TaskResult:
+def run_gym_task(task: RolloutTask, policy_for: PolicyFor, tracker=None) -> TaskResult:
     import gymnasium as gym
 
     policy = policy_for(task.model)
@@ -139,6 +139,8 @@ def run_gym_task(task: RolloutTask, policy_for: PolicyFor) -> TaskResult:
                 steps += 1
                 if not (terminated or truncated):
                     still.append(i)
+            if tracker is not None and len(still) < len(live):
+                tracker.progress(task.episodes - len(still))
             live = still
     finally:
         for env in envs:
@@ -157,7 +159,7 @@ def run_gym_task(task: RolloutTask, policy_for: PolicyFor) -> TaskResult:
     )
 
 
-def run_selfplay_task(task: SelfPlayTask, policy_for: PolicyFor) -> TaskResult:
+def run_selfplay_task(task: SelfPlayTask, policy_for: PolicyFor, tracker=None) -> TaskResult:
     from pi0_reward_server.selfplay.games import make_game
     from pi0_reward_server.selfplay.mcts import MCTSConfig, UniformEvaluator
     from pi0_reward_server.selfplay.play import Agent, PolicyEvaluator, encode_records, match_score, play_games
@@ -166,12 +168,13 @@ def run_selfplay_task(task: SelfPlayTask, policy_for: PolicyFor) -> TaskResult:
     game = make_game(task.game, task.rows, task.cols)
     config = MCTSConfig(simulations=task.simulations, leaves_per_round=task.leaves_per_round, c_puct=task.c_puct)
     rng = np.random.default_rng(task.seed)
+    on_game_over = tracker.progress if tracker is not None else None
     network = PolicyEvaluator(policy_for(task.model))
     evaluators = [network]
     if task.mode == "generate":
         agent = Agent("mcts", network, config, noise=True)
         results = play_games(game, [(agent, agent)] * task.games, rng, temperature_moves=task.temperature_moves,
-                             record=True)
+                             record=True, on_game_over=on_game_over)
         outcomes = [r.outcome for r in results]
         extra = {"games": task.games, "first_player_wins": sum(o > 0 for o in outcomes),
                  "draws": sum(o == 0 for o in outcomes), "records": encode_records(results, task.max_positions)}
@@ -187,7 +190,7 @@ def run_selfplay_task(task: SelfPlayTask, policy_for: PolicyFor) -> TaskResult:
             evaluators.append(opponent_net)
             theirs = Agent("mcts", opponent_net, config)
         seats = [(ours, theirs) if g % 2 == 0 else (theirs, ours) for g in range(task.games)]
-        results = play_games(game, seats, rng, temperature_moves=task.temperature_moves)
+        results = play_games(game, seats, rng, temperature_moves=task.temperature_moves, on_game_over=on_game_over)
         summary = match_score(results, [g % 2 for g in range(task.games)])
         score = summary.pop("score")
         extra = {"games": task.games, **summary}
@@ -200,10 +203,10 @@ def run_selfplay_task(task: SelfPlayTask, policy_for: PolicyFor) -> TaskResult:
     )
 
 
-def run_libero(task, policy_for: PolicyFor, **options: Any) -> TaskResult:
+def run_libero(task, policy_for: PolicyFor, tracker=None, **options: Any) -> TaskResult:
     from pi0_reward_server.libero_backend import run_libero_task
 
-    return run_libero_task(task, policy_for, **options)
+    return run_libero_task(task, policy_for, tracker=tracker, **options)
 
 
 BACKENDS: dict[str, Callable[[Any, PolicyFor], TaskResult]] = {
@@ -211,11 +214,19 @@ BACKENDS: dict[str, Callable[[Any, PolicyFor], TaskResult]] = {
 }
 
 
-def run_task(task, policy_for: PolicyFor, failure_score: float, **options: Any) -> TaskResult:
-    """Run one task; any failure becomes a result with ``failure_score`` and the error."""
+def run_task(task, policy_for: PolicyFor, failure_score: float, tracker=None, **options: Any) -> TaskResult:
+    """Run one task; any failure becomes a result with ``failure_score`` and the error.
+
+    ``tracker`` (a :class:`~pi0_reward_server.jobs.tracking.TaskTracker`) receives progress in units
+    (episodes, games), and cancels the task's policy calls once its job is cancelled."""
+    from pi0_reward_server.jobs.tracking import CancellablePolicy
+
     started = time.monotonic()
+    if tracker is not None:
+        inner = policy_for
+        policy_for = lambda model: CancellablePolicy(inner(model), tracker)  # noqa: E731
     try:
-        return BACKENDS[task.backend](task, policy_for, **options)
+        return BACKENDS[task.backend](task, policy_for, tracker=tracker, **options)
     except Exception as exc:  # noqa: BLE001 - every task gets exactly one result
         logger.warning("task %s failed: %s: %s", task.name, type(exc).__name__, exc)
         return TaskResult(
@@ -226,20 +237,27 @@ def run_task(task, policy_for: PolicyFor, failure_score: float, **options: Any) 
 
 def run_tasks(
     tasks: list, policy_for: PolicyFor, *, max_workers: int, failure_score: float,
-    offload: Callable[[Any], TaskResult] | None = None,
+    offload: Callable[..., TaskResult] | None = None, trackers: list | None = None,
+    on_result: Callable[[int, TaskResult], None] | None = None,
 ) -> list[TaskResult]:
     """Fan the tasks out over ``max_workers`` threads; results in task order.
 
-    ``offload(task)``, when given, runs LIBERO tasks elsewhere (worker processes)."""
+    ``offload(task, tracker)``, when given, runs LIBERO tasks elsewhere (worker processes).
+    ``trackers[i]`` follows task i (progress, cancellation); ``on_result(i, result)`` is called as each ends."""
 
-    def one(task) -> TaskResult:
+    def one(i: int, task) -> TaskResult:
+        tracker = trackers[i] if trackers is not None else None
         if offload is not None and task.backend == "libero":
             try:
-                return offload(task)
+                result = offload(task, tracker)
             except Exception as exc:  # noqa: BLE001 - a worker process died: the task still gets its result
-                return TaskResult(score=failure_score, error=f"{type(exc).__name__}: {exc}", task=task.describe())
-        return run_task(task, policy_for, failure_score)
+                result = TaskResult(score=failure_score, error=f"{type(exc).__name__}: {exc}", task=task.describe())
+        else:
+            result = run_task(task, policy_for, failure_score, tracker=tracker)
+        if on_result is not None:
+            on_result(i, result)
+        return result
 
     with concurrent.futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="score") as executor:
-        futures = [executor.submit(one, task) for task in tasks]
+        futures = [executor.submit(one, i, task) for i, task in enumerate(tasks)]
         return [future.result() for future in futures]

@@ -34,7 +34,9 @@ KIND_FIELDS = {  # what a response of each kind may set
                "replan_steps"),
 }
 ALL_FIELDS = tuple(dict.fromkeys(f for fields in KIND_FIELDS.values() for f in fields))
-KWARG_FIELDS = tuple(f for f in ALL_FIELDS if f not in ("kind", "env")) + ("max_workers",)
+KWARG_FIELDS = tuple(f for f in ALL_FIELDS if f not in ("kind", "env")) + ("max_workers", "cache", "response_as")
+RESPONSE_AS = ("prompt",)  # what a free-text response can stand for
+MAX_PROMPT_CHARS = 4096
 
 REGISTRY: dict[str, dict[str, Any]] = {
     # The embedded default: the shipped CartPole MLP holds the pole for the full 500 steps.
@@ -147,14 +149,28 @@ def validate_kwargs(kwargs: Any, limits: Limits) -> dict[str, Any]:
     unknown = sorted(set(kwargs) - set(KWARG_FIELDS))
     if unknown:
         raise TaskError("reward_function_kwargs", f"unknown field(s) {unknown}; known: {sorted(KWARG_FIELDS)}")
+    if "cache" in kwargs and not isinstance(kwargs["cache"], bool):
+        raise TaskError("reward_function_kwargs.cache", f"must be true or false, got {kwargs['cache']!r:.80}")
+    if "response_as" in kwargs:
+        if kwargs["response_as"] not in RESPONSE_AS:
+            raise TaskError("reward_function_kwargs.response_as",
+                            f"must be one of {list(RESPONSE_AS)}, got {kwargs['response_as']!r:.80}")
+        if not isinstance(kwargs.get("task"), str):
+            raise TaskError("reward_function_kwargs.task", "must name the task each response is the prompt of "
+                                                           "(e.g. 'libero:libero_spatial:0') when response_as is set")
     return dict(kwargs)
 
 
 def parse_task(index: int, response: Any, defaults: Mapping[str, Any], limits: Limits) -> RolloutTask:
     """One response -> a validated :class:`RolloutTask`."""
     where = f"responses[{index}]"
-    if isinstance(response, str):
-        fields: dict[str, Any] = {"task": response}
+    if defaults.get("response_as") == "prompt" and isinstance(response, str):
+        # The response is free text the policy executes: the prompt of the task the kwargs name.
+        if not response.strip() or len(response) > MAX_PROMPT_CHARS:
+            raise TaskError(where, f"must be a prompt of 1 to {MAX_PROMPT_CHARS} characters, got {len(response)}")
+        fields: dict[str, Any] = {"task": defaults["task"], "prompt": response}
+    elif isinstance(response, str):
+        fields = {"task": response}
     elif isinstance(response, Mapping):
         unknown = sorted(set(response) - set(ALL_FIELDS), key=str)
         if unknown:

@@ -45,6 +45,12 @@ def start_server():
 
 
 @pytest.fixture(autouse=True)
+def _own_job_store(tmp_path, monkeypatch):
+    """Each test's reward apps (in-process or gunicorn) keep jobs and cached results in a store of its own."""
+    monkeypatch.setenv("REWARD_DATA_DIR", str(tmp_path / "data"))
+
+
+@pytest.fixture(autouse=True)
 def _reset_gate():
     AffineModel.gate.clear()
     AffineModel.entered.clear()

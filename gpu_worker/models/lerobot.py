@@ -140,7 +140,10 @@ class LeRobotPolicy:
         self.action_dim = int(cfg.output_features["action"].shape[0])
         self.chunk = int(cfg.chunk_size)
         self.output_spec = {"actions": TensorSpec((self.chunk, self.action_dim), "float32")}
-        self.version = f"{cfg.type}:{checkpoint.name}"
+        weights = (checkpoint / "model.safetensors").stat()  # size and time, not a read of gigabytes
+        digest = hashlib.sha256((checkpoint / "config.json").read_bytes()
+                                + f"{weights.st_size}:{weights.st_mtime_ns}".encode()).hexdigest()[:12]
+        self.version = f"{cfg.type}:{checkpoint.name}@{digest}"
         accepts = inspect.signature(policy.predict_action_chunk).parameters
         model = getattr(policy, "model", None)
         if "noise" in accepts:

@@ -86,6 +86,7 @@ def play_games(
     temperature_moves: int = 0,
     record: bool = False,
     max_moves: int = 10_000,
+    on_game_over=None,
 ) -> list[GameResult]:
     """Play ``len(seats)`` games; game g has ``seats[g][0]`` as player 0 and ``seats[g][1]`` as player 1.
 
@@ -121,7 +122,10 @@ def play_games(
         for g in live:
             states[g] = game.next_state(states[g], actions[g])
             results[g].moves.append(actions[g])
+        before = len(live)
         live = [g for g in live if not game.terminal(states[g]) and len(results[g].moves) < max_moves]
+        if on_game_over is not None and len(live) < before:
+            on_game_over(len(seats) - len(live))  # games finished so far
     for g, state in enumerate(states):
         results[g].outcome = game.outcome(state) if game.terminal(state) else 0.0
     return results

@@ -1,0 +1,197 @@
+"""The one path work runs by: ``POST /jobs`` submits and returns, ``POST /score`` submits and waits.
+
+A job's tasks fan out over a thread pool as before; each reports progress in
+units (episodes or games) to the store and stops at its next policy call once
+the job is cancelled. A task whose outcome is fixed by its spec (every task
+here is seeded) is answered from the result cache when the same canonical
+spec ran before on the same hosted model version(s), unless the request says
+``"cache": false``.
+
+Jobs belong to the process that runs them: it beats a heartbeat into the
+store. A job whose heartbeat stops (the app was killed or restarted) is
+marked ``failed`` with the reason after ``job_stale_s``; its finished tasks
+keep their results. Jobs are not resumed: a half-run task cannot be resumed
+mid-episode, and resubmitting (with caching) re-runs only what did not finish.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import hashlib
+import json
+import logging
+import os
+import threading
+import time
+import uuid
+from typing import Any, Callable
+
+from pi0_reward_server.jobs.store_sqlite import TERMINAL
+from pi0_reward_server.jobs.tracking import TaskTracker
+
+logger = logging.getLogger(__name__)
+HEARTBEAT_S = 2.0
+
+
+def units_of(task) -> int:
+    """What a task's progress counts: episodes (rollouts, LIBERO) or games (self-play)."""
+    return int(getattr(task, "games", None) or getattr(task, "episodes", None) or 1)
+
+
+def models_of(task) -> list[str | None]:
+    models = [task.model]
+    opponent = getattr(task, "opponent", None)
+    if opponent is not None and opponent not in ("random", "mcts"):
+        models.append(opponent)
+    return models
+
+
+class JobRunner:
+    def __init__(self, store, *, run_tasks: Callable[..., list], model_version: Callable[[str | None], str | None],
+                 failure_score: float, max_concurrent_jobs: int = 8, job_stale_s: float = 60.0,
+                 retention_s: float = 7 * 86400.0) -> None:
+        self.store = store
+        self._run_tasks = run_tasks  # (tasks, max_workers, deadline, trackers, on_result) -> results
+        self._model_version = model_version
+        self.failure_score = failure_score
+        self.job_stale_s = job_stale_s
+        self.retention_s = retention_s
+        self.owner = f"{os.uname().nodename}:{os.getpid()}"
+        self._executor = concurrent.futures.ThreadPoolExecutor(max_concurrent_jobs, thread_name_prefix="job")
+        self._lock = threading.Lock()
+        self._running: dict[str, threading.Event] = {}  # job id -> its cancel event
+        self._finished: dict[str, threading.Event] = {}
+        self._closed = threading.Event()
+        self._janitor = threading.Thread(target=self._maintain, name="job-heartbeat", daemon=True)
+        self._janitor.start()
+
+    # -- submit, wait, cancel ---------------------------------------------------
+    def submit(self, request: dict, tasks: list, *, max_workers: int, deadline_s: float, use_cache: bool = True,
+               idempotency_key: str | None = None, on_end: Callable[[], None] | None = None) -> tuple[str, bool]:
+        """(job id, created): with an Idempotency-Key already used, the existing job and False."""
+        job_id = uuid.uuid4().hex
+        specs = [task.describe() for task in tasks]
+        job_id, created = self.store.create_job(job_id, request, specs, [units_of(t) for t in tasks],
+                                                idempotency_key=idempotency_key)
+        if not created:
+            if on_end is not None:
+                on_end()
+            return job_id, False
+        done = threading.Event()
+        with self._lock:
+            self._finished[job_id] = done
+            self._running[job_id] = threading.Event()
+        try:
+            self._executor.submit(self._run, job_id, tasks, max_workers, deadline_s, use_cache, on_end)
+        except RuntimeError:  # shutting down
+            self.store.finish_job(job_id, "failed", error="the app is shutting down")
+            done.set()
+            if on_end is not None:
+                on_end()
+        return job_id, True
+
+    def wait(self, job_id: str, timeout_s: float) -> dict | None:
+        """The job once it has ended (or as it is when ``timeout_s`` runs out)."""
+        with self._lock:
+            done = self._finished.get(job_id)
+        deadline = time.monotonic() + timeout_s
+        if done is not None:
+            done.wait(timeout_s)
+        else:  # run by another process: follow the store
+            while self.store.state(job_id) not in (*TERMINAL, None) and time.monotonic() < deadline:
+                time.sleep(0.2)
+        return self.store.get(job_id)
+
+    def cancel(self, job_id: str) -> str | None:
+        state = self.store.cancel(job_id)
+        with self._lock:
+            event = self._running.get(job_id)
+        if event is not None:
+            event.set()  # this process runs it: stop at once; other processes see it in the store
+        return state
+
+    def close(self) -> None:
+        self._closed.set()
+        with self._lock:
+            for event in self._running.values():
+                event.set()
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    # -- running --------------------------------------------------------------
+    def cache_key(self, task) -> str | None:
+        versions = []
+        for model in models_of(task):
+            version = self._model_version(model)
+            if version is None:
+                return None  # a server that does not report versions, or servers that disagree
+            versions.append(version)
+        canonical = json.dumps({"task": task.describe(), "models": versions}, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+    def _run(self, job_id: str, tasks: list, max_workers: int, deadline_s: float, use_cache: bool,
+             on_end: Callable[[], None] | None) -> None:
+        started = time.monotonic()
+        cancel = self._running[job_id]
+        try:
+            if not self.store.start_job(job_id, self.owner):
+                return  # cancelled while queued
+            details: list[dict | None] = [None] * len(tasks)
+            keys = [self.cache_key(task) if use_cache else None for task in tasks]
+            pending = []
+            for i, key in enumerate(keys):
+                hit = self.store.cached(key) if key else None
+                if hit is not None:
+                    details[i] = {**hit, "cached": True}
+                    self.store.finish_task(job_id, i, hit["score"], details[i], cached=True)
+                else:
+                    pending.append(i)
+
+            def record(k: int, result) -> None:
+                i = pending[k]
+                details[i] = {**result.to_dict(), "cached": False}
+                self.store.finish_task(job_id, i, result.score, details[i])
+                if keys[i] is not None and result.error is None and not cancel.is_set():
+                    self.store.remember(keys[i], details[i])
+
+            if pending:
+                trackers = [TaskTracker(self.store, job_id, i, cancel) for i in pending]
+                self._run_tasks([tasks[i] for i in pending], max_workers, started + deadline_s, trackers, record)
+            result = {
+                "job_id": job_id,
+                "scores": [d["score"] for d in details],
+                "details": details,
+                "failures": sum(d.get("error") is not None for d in details),
+                "cached": sum(bool(d.get("cached")) for d in details),
+                "max_workers": max_workers,
+                "seconds": time.monotonic() - started,
+            }
+            self.store.finish_job(job_id, "cancelled" if cancel.is_set() else "done", result)
+        except Exception as exc:  # noqa: BLE001 - the job must end, with the reason
+            logger.error("job %s failed", job_id, exc_info=True)
+            try:
+                self.store.finish_job(job_id, "failed", error=f"{type(exc).__name__}: {exc}")
+            except Exception:  # noqa: BLE001 - the store itself is failing; the heartbeat sweep will mark it
+                logger.error("could not record the failure of job %s", job_id, exc_info=True)
+        finally:
+            with self._lock:
+                self._running.pop(job_id, None)
+                done = self._finished.pop(job_id, None)
+            if done is not None:
+                done.set()
+            if on_end is not None:
+                on_end()
+
+    def _maintain(self) -> None:
+        last_sweep = 0.0
+        while not self._closed.wait(HEARTBEAT_S):
+            try:
+                with self._lock:
+                    running = list(self._running)
+                self.store.heartbeat(running)
+                if time.monotonic() - last_sweep >= min(30.0, self.job_stale_s / 2):
+                    last_sweep = time.monotonic()
+                    for job_id in self.store.fail_stale(self.job_stale_s):
+                        logger.warning("job %s lost its process; marked failed", job_id)
+                    self.store.expire(self.retention_s)
+            except Exception:  # noqa: BLE001 - keep beating; a store error is logged and retried
+                logger.error("job heartbeat failed", exc_info=True)

@@ -1,0 +1,67 @@
+"""What a running task reports to its job: progress in units (episodes or games), and whether the job was
+cancelled. A tracker travels into LIBERO worker processes (pickled as the store's path, reopened there), so
+a task reports and stops the same way wherever it runs."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+_stores: dict[str, Any] = {}
+_stores_lock = threading.Lock()
+CANCEL_CHECK_S = 0.25  # how stale a task's view of its job's cancellation may be
+
+
+class JobCancelled(RuntimeError):
+    """The task's job was cancelled: no more inference is sent for it."""
+
+
+def _open_store(path: str):
+    from pi0_reward_server.jobs.store_sqlite import SQLiteStore
+
+    with _stores_lock:
+        if path not in _stores:
+            _stores[path] = SQLiteStore(path)
+        return _stores[path]
+
+
+class TaskTracker:
+    def __init__(self, store, job_id: str, idx: int, cancelled: threading.Event | None = None) -> None:
+        self.store, self.job_id, self.idx = store, job_id, idx
+        self._event = cancelled
+        self._checked = 0.0
+        self._cancelled = False
+
+    def __getstate__(self) -> dict:
+        path = getattr(self.store, "path", None)
+        return {"path": None if path is None else str(path), "job_id": self.job_id, "idx": self.idx}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(_open_store(state["path"]) if state["path"] else None, state["job_id"], state["idx"])
+
+    def progress(self, units_done: int) -> None:
+        if self.store is not None:
+            self.store.progress(self.job_id, self.idx, units_done)
+
+    def cancelled(self) -> bool:
+        if self._cancelled or (self._event is not None and self._event.is_set()):
+            return True
+        now = time.monotonic()
+        if self.store is not None and now - self._checked >= CANCEL_CHECK_S:
+            self._checked = now
+            self._cancelled = self.store.state(self.job_id) == "cancelled"
+        return self._cancelled
+
+
+class CancellablePolicy:
+    """Refuses the next policy call once the job is cancelled, so a cancelled task sends no more inference."""
+
+    def __init__(self, policy, tracker: TaskTracker | None) -> None:
+        self.policy = policy
+        self.tracker = tracker
+
+    def infer_batch(self, observations):
+        if self.tracker is not None and self.tracker.cancelled():
+            raise JobCancelled("the job was cancelled")
+        return self.policy.infer_batch(observations)
