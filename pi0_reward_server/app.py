@@ -14,6 +14,7 @@ import atexit
 import hmac
 import json
 import logging
+import os
 import pathlib
 import threading
 import time
@@ -372,6 +373,11 @@ def create_app(config: AppConfig | Mapping[str, Any] | None = None, *, pool: Cli
                 discarded += len(chunk)
             raise RequestEntityTooLarge(f"the body is larger than max_body_bytes ({settings.max_body_bytes} bytes)")
         return None
+
+    @app.after_request
+    def name_the_worker(response):
+        response.headers["X-Reward-Worker"] = str(os.getpid())  # which gunicorn worker answered
+        return response
 
     @app.errorhandler(StoreError)
     def store_failed(exc: StoreError):

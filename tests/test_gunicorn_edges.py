@@ -28,9 +28,11 @@ class Gunicorn:
     """``gunicorn -c pi0_reward_server/gunicorn_config.py 'pi0_reward_server.app:create_app()'`` on a free port."""
 
     def __init__(self, tmp_path, env: dict) -> None:
-        self.log_path = tmp_path / "gunicorn.out"
-        self.access_log = tmp_path / "access.log"
-        self.error_log = tmp_path / "error.log"
+        logs = tmp_path / f"gunicorn-{time.monotonic_ns()}"  # its own logs: an earlier instance's port is not its
+        logs.mkdir()
+        self.log_path = logs / "gunicorn.out"
+        self.access_log = logs / "access.log"
+        self.error_log = logs / "error.log"
         full = {**os.environ, "GUNICORN_BIND": "127.0.0.1:0", "GUNICORN_ACCESSLOG": str(self.access_log),
                 "GUNICORN_ERRORLOG": str(self.error_log), "REWARD_LOG_LEVEL": "INFO", **env}
         with open(self.log_path, "wb") as out:
