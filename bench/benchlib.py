@@ -15,10 +15,10 @@ import urllib.request
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def start_reward_app(urls: list[str], *, threads: int = 8) -> tuple[subprocess.Popen, str]:
+def start_reward_app(urls: list[str], *, threads: int = 8, env: dict | None = None) -> tuple[subprocess.Popen, str]:
     """The reward app under gunicorn on a free loopback port, once every model server is up."""
     env = {**os.environ, "MODEL_SERVERS": ",".join(urls), "GUNICORN_BIND": "127.0.0.1:0", "GUNICORN_WORKERS": "1",
-           "GUNICORN_THREADS": str(threads), "REWARD_LOG_LEVEL": "WARNING"}
+           "GUNICORN_THREADS": str(threads), "REWARD_LOG_LEVEL": "WARNING", **(env or {})}
     proc = subprocess.Popen(
         [sys.executable, "-m", "gunicorn", "-c", "pi0_reward_server/gunicorn_config.py",
          "--access-logfile", "/dev/null", "pi0_reward_server.app:create_app()"],

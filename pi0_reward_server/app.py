@@ -26,6 +26,7 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 from pi0_reward_server.client_pool import ClientPool
 from pi0_reward_server.config import AppConfig, load_config
 from pi0_reward_server.jobs.runner import JobRunner
+from pi0_reward_server.jobs.store_memory import MemoryStore
 from pi0_reward_server.jobs.store_sqlite import TERMINAL, SQLiteStore, StoreError, UnusableStore
 from pi0_reward_server.rollout import DeadlinePolicy, PoolPolicy, run_tasks
 from pi0_reward_server.tasks import Limits, TaskError, parse_task, task_work, validate_kwargs
@@ -159,7 +160,8 @@ def create_app(config: AppConfig | Mapping[str, Any] | None = None, *, pool: Cli
         return responses, kwargs, max_workers
 
     try:
-        store = SQLiteStore(pathlib.Path(settings.data_dir) / "jobs.sqlite3")
+        store = MemoryStore() if settings.job_store == "memory" else SQLiteStore(
+            pathlib.Path(settings.data_dir) / "jobs.sqlite3")
     except StoreError as exc:  # serve what needs no store (/health, /pool_status); work answers 503 saying why
         logger.error("the job store is not usable: %s", exc)
         store = UnusableStore(str(exc))

@@ -39,3 +39,20 @@ def test_score_and_load_benchmarks_run(tmp_path):
     assert len(json.loads(score_out.read_text())["points"]) == 4
     phases = json.loads(load_out.read_text())["phases"]
     assert [p["errors"] for p in phases] == [0, 0] and all(p["requests"] > 0 for p in phases)
+
+
+@pytest.mark.slow
+def test_jobs_and_lerobot_benchmarks_run(tmp_path):
+    import importlib.util
+
+    jobs_out, lerobot_out = tmp_path / "jobs.json", tmp_path / "lerobot.json"
+    runs = [(["bench_jobs.py", "--tasks", "4", "--jobs", "3", "--repeats", "1"], jobs_out)]
+    if importlib.util.find_spec("lerobot") is not None:
+        runs.append((["bench_lerobot.py", "--clients", "1,2", "--duration", "0.5"], lerobot_out))
+    for args, out in runs:
+        result = subprocess.run([sys.executable, str(ROOT / "bench" / args[0]), *args[1:], "--out", str(out)],
+                                capture_output=True, text=True, timeout=600, cwd=ROOT)
+        assert result.returncode == 0, result.stderr[-3000:]
+    assert set(json.loads(jobs_out.read_text())["stores"]) == {"memory", "sqlite"}
+    if len(runs) == 2:
+        assert json.loads(lerobot_out.read_text())["throughput"]["2"]["batched"]["requests_per_s"] > 0

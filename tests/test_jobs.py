@@ -284,3 +284,24 @@ def _ppid(stat: pathlib.Path) -> int | None:
         return int(stat.read_text().rsplit(")", 1)[1].split()[1])
     except (OSError, IndexError, ValueError):
         return None
+
+
+@pytest.mark.slow
+def test_example_client_follows_a_job_through_its_event_stream(start_server, tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    server = start_server(models=(CARTPOLE,), log_level="WARNING")
+    app = Gunicorn(tmp_path, {"MODEL_SERVERS": server.url, "REWARD_SERVER_TOKEN": "a-long-enough-token"})
+    try:
+        done = subprocess.run([sys.executable, str(ROOT / "example_client.py"), "--url", f"http://127.0.0.1:{app.port}",
+                               "--token", "a-long-enough-token", "--job", "--tasks", "cartpole_short",
+                               '{"task": "cartpole", "max_steps": 50, "success_threshold": 50}', "--episodes", "3"],
+                              capture_output=True, text=True, timeout=120, cwd=ROOT)
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "job " in done.stdout and "2 task(s) scored" in done.stdout
+        assert "6/6" in done.stderr  # the progress bar reached every episode (tqdm writes to stderr)
+    finally:
+        app.stop()
