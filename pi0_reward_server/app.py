@@ -160,8 +160,14 @@ def create_app(config: AppConfig | Mapping[str, Any] | None = None, *, pool: Cli
         return responses, kwargs, max_workers
 
     try:
-        store = MemoryStore() if settings.job_store == "memory" else SQLiteStore(
-            pathlib.Path(settings.data_dir) / "jobs.sqlite3")
+        if settings.job_store == "memory":
+            store = MemoryStore()
+        elif settings.job_store == "redis":
+            from pi0_reward_server.jobs.store_redis import RedisStore
+
+            store = RedisStore(settings.redis_url, retention_s=settings.job_retention_s)
+        else:
+            store = SQLiteStore(pathlib.Path(settings.data_dir) / "jobs.sqlite3")
     except StoreError as exc:  # serve what needs no store (/health, /pool_status); work answers 503 saying why
         logger.error("the job store is not usable: %s", exc)
         store = UnusableStore(str(exc))

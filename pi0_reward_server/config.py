@@ -51,7 +51,8 @@ class AppConfig:
     default_episodes: int = 10
     default_seed: int = 0
     # Jobs and the result store
-    job_store: str = "sqlite"  # "sqlite" (data_dir/jobs.sqlite3) or "memory" (one process; nothing survives)
+    job_store: str = "sqlite"  # "sqlite" (data_dir/jobs.sqlite3), "redis" (redis_url) or "memory" (one process)
+    redis_url: str = "redis://127.0.0.1:6379/0"  # job_store = "redis": REWARD_REDIS_URL
     data_dir: str = "data"  # the SQLite job store (jobs.sqlite3) lives here
     max_job_seconds: float = 86400.0  # a job's tasks still running then fail
     max_concurrent_jobs: int = 8  # per app worker process; more wait queued
@@ -101,8 +102,8 @@ class AppConfig:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"{name} must be a positive number of seconds, got {value!r}")
-        if self.job_store not in ("sqlite", "memory"):
-            raise ConfigError(f"job_store must be 'sqlite' or 'memory', got {self.job_store!r}")
+        if self.job_store not in ("sqlite", "redis", "memory"):
+            raise ConfigError(f"job_store must be 'sqlite', 'redis' or 'memory', got {self.job_store!r}")
         if self.libero_execution not in ("process", "thread"):
             raise ConfigError(f"libero_execution must be 'process' or 'thread', got {self.libero_execution!r}")
         if not isinstance(self.failure_score, (int, float)) or isinstance(self.failure_score, bool):

@@ -79,6 +79,10 @@ class SQLiteStore:
         except sqlite3.Error as exc:
             raise StoreError(f"cannot create the job store {str(self.path)!r}: {exc}") from exc
 
+    def reopen_spec(self) -> tuple:
+        """How another process opens this store (a LIBERO worker reporting progress)."""
+        return ("sqlite", str(self.path))
+
     # -- connections --------------------------------------------------------
     def _db(self) -> sqlite3.Connection:
         db = getattr(self._local, "db", None)

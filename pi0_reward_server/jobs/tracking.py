@@ -1,6 +1,6 @@
 """What a running task reports to its job: progress in units (episodes or games), and whether the job was
-cancelled. A tracker travels into LIBERO worker processes (pickled as the store's path, reopened there), so
-a task reports and stops the same way wherever it runs."""
+cancelled. A tracker travels into LIBERO worker processes (pickled as how to reopen its store: the SQLite
+path or the Redis URL), so a task reports and stops the same way wherever it runs."""
 
 from __future__ import annotations
 
@@ -17,13 +17,18 @@ class JobCancelled(RuntimeError):
     """The task's job was cancelled: no more inference is sent for it."""
 
 
-def _open_store(path: str):
-    from pi0_reward_server.jobs.store_sqlite import SQLiteStore
-
+def _open_store(spec: tuple):
     with _stores_lock:
-        if path not in _stores:
-            _stores[path] = SQLiteStore(path)
-        return _stores[path]
+        if spec not in _stores:
+            if spec[0] == "redis":
+                from pi0_reward_server.jobs.store_redis import RedisStore
+
+                _stores[spec] = RedisStore(spec[1], prefix=spec[2])
+            else:
+                from pi0_reward_server.jobs.store_sqlite import SQLiteStore
+
+                _stores[spec] = SQLiteStore(spec[1])
+        return _stores[spec]
 
 
 class TaskTracker:
@@ -34,11 +39,11 @@ class TaskTracker:
         self._cancelled = False
 
     def __getstate__(self) -> dict:
-        path = getattr(self.store, "path", None)
-        return {"path": None if path is None else str(path), "job_id": self.job_id, "idx": self.idx}
+        reopen = getattr(self.store, "reopen_spec", None)
+        return {"store": reopen() if reopen else None, "job_id": self.job_id, "idx": self.idx}
 
     def __setstate__(self, state: dict) -> None:
-        self.__init__(_open_store(state["path"]) if state["path"] else None, state["job_id"], state["idx"])
+        self.__init__(_open_store(tuple(state["store"])) if state["store"] else None, state["job_id"], state["idx"])
 
     def progress(self, units_done: int) -> None:
         if self.store is not None:
