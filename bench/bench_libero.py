@@ -23,7 +23,7 @@ import numpy as np
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from benchlib import write_results  # noqa: E402
-from pi0_reward_server import libero_backend  # noqa: E402
+from pi0_reward_server.kinds import libero as libero_backend  # noqa: E402
 
 SUITE, TASK_ID = "libero_spatial", 0
 

@@ -34,8 +34,9 @@ from benchlib import start_reward_app, write_results  # noqa: E402
 from gpu_worker.config import ModelConfig, ServerConfig  # noqa: E402
 from gpu_worker.launch import start_server_process  # noqa: E402
 from pi0_reward_server.client_pool import ClientPool  # noqa: E402
-from pi0_reward_server.rollout import PoolPolicy, run_tasks  # noqa: E402
-from pi0_reward_server.tasks import Limits, parse_task  # noqa: E402
+from pi0_reward_server.kinds.registry import run_tasks  # noqa: E402
+from pi0_reward_server.policies import PoolPolicy  # noqa: E402
+from pi0_reward_server.kinds.registry import Limits, parse_task  # noqa: E402
 
 CARTPOLE = ModelConfig.parse("cartpole=gpu_worker.models.cartpole:CartPolePolicy")
 

@@ -30,10 +30,10 @@ from benchlib import write_results  # noqa: E402
 from gpu_worker.config import ModelConfig, ServerConfig  # noqa: E402
 from gpu_worker.launch import start_server_process  # noqa: E402
 from pi0_reward_server.client_pool import ClientPool  # noqa: E402
-from pi0_reward_server.rollout import PoolPolicy  # noqa: E402
-from pi0_reward_server.selfplay.games import make_game  # noqa: E402
-from pi0_reward_server.selfplay.mcts import MCTSConfig, search  # noqa: E402
-from pi0_reward_server.selfplay.play import PolicyEvaluator  # noqa: E402
+from pi0_reward_server.policies import PoolPolicy  # noqa: E402
+from pi0_reward_server.kinds.selfplay.games import make_game  # noqa: E402
+from pi0_reward_server.kinds.selfplay.mcts import MCTSConfig, search  # noqa: E402
+from pi0_reward_server.kinds.selfplay.play import PolicyEvaluator  # noqa: E402
 
 
 def openings(game, n: int, rng) -> list:

@@ -28,8 +28,9 @@ from pi0_reward_server.config import AppConfig, load_config
 from pi0_reward_server.jobs.runner import JobRunner
 from pi0_reward_server.jobs.store_memory import MemoryStore
 from pi0_reward_server.jobs.store_sqlite import TERMINAL, SQLiteStore, StoreError, UnusableStore
-from pi0_reward_server.rollout import DeadlinePolicy, PoolPolicy, run_tasks
-from pi0_reward_server.tasks import Limits, TaskError, parse_task, task_work, validate_kwargs
+from pi0_reward_server.kinds.registry import run_tasks
+from pi0_reward_server.policies import DeadlinePolicy, PoolPolicy
+from pi0_reward_server.kinds.registry import Limits, TaskError, parse_task, task_work, validate_kwargs
 
 logger = logging.getLogger("pi0_reward_server")
 
@@ -98,7 +99,7 @@ def create_app(config: AppConfig | Mapping[str, Any] | None = None, *, pool: Cli
 
     def libero_runner():
         """Worker processes for LIBERO tasks, started on first use (spawned, after any gunicorn fork)."""
-        from pi0_reward_server.libero_backend import ProcessRunner
+        from pi0_reward_server.jobs.processes import ProcessRunner
 
         with runners_lock:
             if not runners:

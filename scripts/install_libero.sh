@@ -14,6 +14,6 @@ fi
 .venv/bin/python - <<'PY'
 import os
 os.environ.setdefault("MUJOCO_GL", "egl")
-from pi0_reward_server.libero_backend import render_check
+from pi0_reward_server.kinds.libero import render_check
 print("LIBERO backend ready: rendering with MUJOCO_GL=" + render_check())
 PY

@@ -32,10 +32,10 @@ from gpu_worker.config import ModelConfig, ServerConfig  # noqa: E402
 from gpu_worker.launch import start_server_process  # noqa: E402
 from gpu_worker.models.selfplay_net import Connect4Net, DotsBoxes3x3Net  # noqa: E402
 from pi0_reward_server.client_pool import ClientPool  # noqa: E402
-from pi0_reward_server.rollout import PoolPolicy  # noqa: E402
-from pi0_reward_server.selfplay.games import ConnectFour, make_game  # noqa: E402
-from pi0_reward_server.selfplay.mcts import MCTSConfig, UniformEvaluator  # noqa: E402
-from pi0_reward_server.selfplay.play import Agent, PolicyEvaluator, match_score, play_games  # noqa: E402
+from pi0_reward_server.policies import PoolPolicy  # noqa: E402
+from pi0_reward_server.kinds.selfplay.games import ConnectFour, make_game  # noqa: E402
+from pi0_reward_server.kinds.selfplay.mcts import MCTSConfig, UniformEvaluator  # noqa: E402
+from pi0_reward_server.kinds.selfplay.play import Agent, PolicyEvaluator, match_score, play_games  # noqa: E402
 
 NETS = {"connect4": (Connect4Net, "connect4_6x7.pt"), "dots_boxes": (DotsBoxes3x3Net, "dots_boxes_3x3.pt")}
 

@@ -16,8 +16,9 @@ import pytest
 from conftest import ROOT
 from gpu_worker.model import load_model
 from pi0_reward_server.app import create_app
-from pi0_reward_server.rollout import LocalPolicy, run_tasks
-from pi0_reward_server.tasks import Limits, parse_task
+from pi0_reward_server.kinds.registry import run_tasks
+from pi0_reward_server.policies import LocalPolicy
+from pi0_reward_server.kinds.registry import Limits, parse_task
 
 EIGHT_TASKS = ["cartpole", "cartpole_short", {"task": "gym:CartPole-v1", "episodes": 3, "seed": 7},
                {"task": "cartpole", "max_steps": 50, "success_threshold": 40}, "cartpole", "cartpole_short",

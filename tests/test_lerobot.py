@@ -122,7 +122,7 @@ def test_a_fixed_seed_reproduces_and_another_seed_differs(checkpoint):
 
 
 def test_a_libero_task_is_scored_end_to_end_with_the_served_policy(start_server, checkpoint):
-    from pi0_reward_server import libero_backend
+    from pi0_reward_server.kinds import libero as libero_backend
     from pi0_reward_server.app import create_app
 
     if not libero_backend.available():

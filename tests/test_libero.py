@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from gpu_worker.config import ModelConfig
-from pi0_reward_server import libero_backend
+from pi0_reward_server.kinds import libero as libero_backend
 
 if not libero_backend.available():
     if os.environ.get("CI"):
@@ -40,7 +40,7 @@ def settled_env(suite: str = "libero_spatial", task_id: int = 0, seed: int = 7, 
 
 def test_one_capped_episode_through_gpu_worker_sends_openpis_observation(start_server):
     from pi0_reward_server.client_pool import ClientPool
-    from pi0_reward_server.rollout import PoolPolicy
+    from pi0_reward_server.policies import PoolPolicy
 
     server = start_server(models=(LIBERO_TINY,), log_level="WARNING")
     sent: list[dict] = []
@@ -52,7 +52,7 @@ def test_one_capped_episode_through_gpu_worker_sends_openpis_observation(start_s
 
         task = libero_backend.LiberoTask(name="t", suite="libero_spatial", task_id=0, episodes=1, seed=7,
                                          init_state=0, max_steps=6, prompt=None, model="libero_tiny")
-        result = libero_backend.run_libero_task(task, lambda model: Recording(pool, model))
+        result = libero_backend.run(task, lambda model: Recording(pool, model))
     assert result.error is None and result.episodes == 1 and result.successes == 0  # random weights
     assert result.steps == libero_backend.SETTLE_STEPS + 6
     assert len(sent) == 2  # replanned after 5 executed actions
@@ -142,7 +142,9 @@ def test_score_libero_end_to_end(start_server, execution):
 
 def test_a_dead_worker_process_is_replaced(start_server):
     server = start_server(models=(LIBERO_TINY,), log_level="WARNING")
-    runner = libero_backend.ProcessRunner([server.url], {"connections_per_server": 1}, processes=1)
+    from pi0_reward_server.jobs.processes import ProcessRunner
+
+    runner = ProcessRunner([server.url], {"connections_per_server": 1}, processes=1)
     task = libero_backend.LiberoTask(name="t", suite="libero_spatial", task_id=0, episodes=1, seed=7, init_state=0,
                                      max_steps=1, prompt=None, model="libero_tiny")
     try:
@@ -198,7 +200,7 @@ def test_render_check_and_environments_work_with_cuda_visible_devices_empty():
 
     from conftest import ROOT
 
-    script = ("from pi0_reward_server import libero_backend as lb\n"
+    script = ("from pi0_reward_server.kinds import libero as lb\n"
               "backend = lb.render_check()\n"
               "_, _, bddl = lb.load_task('libero_spatial', 0)\n"
               "env = lb.make_env(bddl, 0); env.reset(); env.close()\n"

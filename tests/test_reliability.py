@@ -26,8 +26,9 @@ from gpu_worker.models.testing import AffineModel
 from openpi_style_server import OpenpiStyleServer
 from pi0_reward_server.app import create_app
 from pi0_reward_server.client_pool import ClientPool
-from pi0_reward_server.rollout import LocalPolicy, run_tasks
-from pi0_reward_server.tasks import Limits, parse_task
+from pi0_reward_server.kinds.registry import run_tasks
+from pi0_reward_server.policies import LocalPolicy
+from pi0_reward_server.kinds.registry import Limits, parse_task
 
 CARTPOLE_ARGS = ("--model", "cartpole=gpu_worker.models.cartpole:CartPolePolicy")
 

@@ -7,8 +7,8 @@ import functools
 import numpy as np
 import pytest
 
-from pi0_reward_server.selfplay.games import C4State, ConnectFour, DotsAndBoxes, make_game
-from pi0_reward_server.selfplay.mcts import MCTSConfig, UniformEvaluator, search
+from pi0_reward_server.kinds.selfplay.games import C4State, ConnectFour, DotsAndBoxes, make_game
+from pi0_reward_server.kinds.selfplay.mcts import MCTSConfig, UniformEvaluator, search
 
 
 def play(game, moves, state=None):
@@ -126,7 +126,7 @@ def solve(game: DotsAndBoxes):
 
 
 def _db_state(game, edges, scores, to_play):
-    from pi0_reward_server.selfplay.games import DBState
+    from pi0_reward_server.kinds.selfplay.games import DBState
 
     edges = np.array(edges, bool)
     owners = np.zeros((game.rows, game.cols), np.int8)  # ownership does not matter to the value, scores do

@@ -9,10 +9,10 @@ from gpu_worker.config import ModelConfig
 from gpu_worker.model import load_model
 from pi0_reward_server.app import create_app
 from pi0_reward_server.client_pool import ClientPool
-from pi0_reward_server.rollout import LocalPolicy, PoolPolicy
-from pi0_reward_server.selfplay.games import make_game
-from pi0_reward_server.selfplay.mcts import MCTSConfig, UniformEvaluator
-from pi0_reward_server.selfplay.play import Agent, PolicyEvaluator, decode_records, play_games
+from pi0_reward_server.policies import LocalPolicy, PoolPolicy
+from pi0_reward_server.kinds.selfplay.games import make_game
+from pi0_reward_server.kinds.selfplay.mcts import MCTSConfig, UniformEvaluator
+from pi0_reward_server.kinds.selfplay.play import Agent, PolicyEvaluator, decode_records, play_games
 
 NET = "gpu_worker.models.selfplay_net:PolicyValueNet"
 C4_OPTIONS = {"obs_dim": 84, "num_actions": 7, "hidden": 64}

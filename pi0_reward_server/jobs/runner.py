@@ -24,18 +24,14 @@ import os
 import threading
 import time
 import uuid
-from typing import Any, Callable
+from typing import Callable
 
 from pi0_reward_server.jobs.store_sqlite import TERMINAL
+from pi0_reward_server.kinds.registry import units_of
 from pi0_reward_server.jobs.tracking import TaskTracker
 
 logger = logging.getLogger(__name__)
 HEARTBEAT_S = 2.0
-
-
-def units_of(task) -> int:
-    """What a task's progress counts: episodes (rollouts, LIBERO) or games (self-play)."""
-    return int(getattr(task, "games", None) or getattr(task, "episodes", None) or 1)
 
 
 def models_of(task) -> list[str | None]:

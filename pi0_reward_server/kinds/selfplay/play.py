@@ -22,8 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from pi0_reward_server.selfplay.games import Game
-from pi0_reward_server.selfplay.mcts import Evaluator, MCTSConfig, choose_action, masked_softmax, search
+from pi0_reward_server.kinds.selfplay.games import Game
+from pi0_reward_server.kinds.selfplay.mcts import Evaluator, MCTSConfig, choose_action, masked_softmax, search
 
 
 class PolicyEvaluator:

@@ -37,7 +37,7 @@ from typing import Protocol
 
 import numpy as np
 
-from pi0_reward_server.selfplay.games import Game
+from pi0_reward_server.kinds.selfplay.games import Game
 
 DIRICHLET_WEIGHT = 0.25  # AlphaZero's epsilon
 DIRICHLET_SCALE = 10.0  # alpha = DIRICHLET_SCALE / num_actions: chess 0.3 ~ 10 / 35 legal moves

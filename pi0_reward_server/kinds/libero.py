@@ -32,11 +32,17 @@ import dataclasses
 import importlib.util
 import math
 import os
+import re
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
+from pi0_reward_server.kinds.base import MODEL_NAME, Limits, TaskError, TaskResult, check_int
+
+NAME = "libero"
+FIELDS = ("kind", "task", "suite", "task_id", "episodes", "seed", "init_state", "max_steps", "prompt", "model",
+          "replan_steps")
 SUITES = {  # suite -> (number of tasks, max steps), from LIBERO and openpi's main.py
     "libero_spatial": (10, 220),
     "libero_object": (10, 280),
@@ -260,10 +266,7 @@ def run_episode(env, init_state: np.ndarray, prompt: str, infer: Callable[[dict]
         raise EpisodeError(t, exc) from exc
 
 
-def run_libero_task(task: LiberoTask, policy_for, env_factory: Callable[..., Any] | None = None,
-                    tracker=None) -> Any:
-    from pi0_reward_server.rollout import TaskResult
-
+def run(task: LiberoTask, policy_for, tracker=None, env_factory: Callable[..., Any] | None = None) -> TaskResult:
     started = time.monotonic()
     policy = policy_for(task.model)
     servers: set[str] = set()
@@ -307,110 +310,47 @@ def run_libero_task(task: LiberoTask, policy_for, env_factory: Callable[..., Any
 
 
 # -- execution in worker processes -------------------------------------------------------------
-# Rendering and physics hold the GIL for much of a step, so LIBERO tasks run in spawned worker
-# processes (measured in bench/bench_libero.py); each worker reaches the policy through its own
-# client pool over the same model servers, and keeps its last environment for the next task.
-_worker_pool = None
-_cached_env: tuple[str, Any] | None = None
+def parse(where: str, fields: dict[str, Any], defaults: Mapping[str, Any], limits: Limits,
+          registry: Mapping[str, Mapping[str, Any]] | None = None) -> "LiberoTask":
+    """``{"kind": "libero", "suite", "task_id", ...}`` or ``"libero:<suite>:<task_id>"``."""
+    merged = dict(defaults)
+    reference = fields.get("task")
+    if isinstance(reference, str) and reference.startswith("libero:"):
+        parts = reference.split(":")
+        if len(parts) != 3 or not re.fullmatch(r"[0-9]{1,9}", parts[2]):  # str.isdigit() also takes "²"
+            raise TaskError(f"{where}.task", f"must look like 'libero:<suite>:<task_id>', got {reference!r}")
+        merged.update(suite=parts[1], task_id=int(parts[2]))
+    merged.update({k: v for k, v in fields.items() if k not in ("task", "kind")})
+    suite = merged.get("suite")
+    if not isinstance(suite, str) or suite not in SUITES:
+        raise TaskError(f"{where}.suite", f"unknown LIBERO suite {suite!r}; known: {sorted(SUITES)}")
+    n_tasks = SUITES[suite][0]
+    task_id = check_int(f"{where}.task_id", merged.get("task_id"), 0, n_tasks - 1)
+    if not available():
+        raise TaskError(where, "the LIBERO backend is not installed on this server: pip install '.[libero]' "
+                               "(scripts/install_libero.sh)")
+    max_steps = merged.get("max_steps")
+    if max_steps is not None:
+        max_steps = check_int(f"{where}.max_steps", max_steps, 1, limits.max_steps)
+    prompt = merged.get("prompt")
+    if prompt is not None and (not isinstance(prompt, str) or len(prompt) > 4096):
+        raise TaskError(f"{where}.prompt", "must be a string of at most 4096 characters")
+    model = merged.get("model")
+    if model is not None and (not isinstance(model, str) or not MODEL_NAME.match(model)):
+        raise TaskError(f"{where}.model", f"must be a hosted model's name, got {model!r}")
+    return LiberoTask(
+        name=str(reference or f"libero:{suite}:{task_id}"), suite=suite, task_id=task_id,
+        episodes=check_int(f"{where}.episodes", merged.get("episodes", limits.default_episodes), 1, limits.max_episodes),
+        seed=check_int(f"{where}.seed", merged.get("seed", 7), 0, 2**31 - 1),
+        init_state=check_int(f"{where}.init_state", merged.get("init_state", 0), 0, 10_000),
+        max_steps=max_steps, prompt=prompt, model=model,
+        replan_steps=check_int(f"{where}.replan_steps", merged.get("replan_steps", REPLAN_STEPS), 1, 100),
+    )
 
 
-def _exit_with_parent(parent: int) -> None:
-    """A worker whose app process died (SIGKILL included) must not live on holding ~2 GB."""
-    import threading
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(1.0)
-        os._exit(1)
-
-    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+def work(task: LiberoTask, limits: Limits) -> tuple[int, int]:
+    return task.episodes * (task.step_limit + SETTLE_STEPS), 0
 
 
-def _init_worker(urls: list[str], pool_options: dict[str, Any], parent: int) -> None:
-    global _worker_pool
-    from pi0_reward_server.client_pool import ClientPool
-
-    _exit_with_parent(parent)
-    render_check()
-    _worker_pool = ClientPool(urls, **pool_options).start(wait_s=pool_options.get("connect_timeout_s", 5))
-
-
-def _cached_make_env(bddl: str, seed: int, horizon: int):
-    """One environment kept per worker process: building one costs seconds and ~1.6 GB."""
-    global _cached_env
-    key = f"{bddl}@{max(1000, horizon)}"
-    if _cached_env is not None and _cached_env[0] == key:
-        env = _cached_env[1]
-        env.seed(seed)  # a hard reset rebuilds the scene from the seeded RNG: as good as a fresh env
-        return env
-    if _cached_env is not None:
-        _cached_env[1].close()
-        _cached_env = None
-    env = make_env(bddl, seed, horizon)
-    _cached_env = (key, env)
-    return env
-
-
-def _run_in_worker(task: LiberoTask, deadline: float, budget_s: float, failure_score: float, tracker=None):
-    """``deadline`` is on time.monotonic(), which Linux keeps system-wide, so it means the same here.
-    ``tracker`` arrives pickled as the job store's path: progress and cancellation go through the store."""
-    from pi0_reward_server.rollout import DeadlinePolicy, PoolPolicy, run_task
-
-    return run_task(task, lambda model: DeadlinePolicy(PoolPolicy(_worker_pool, model), deadline, budget_s),
-                    failure_score, tracker=tracker, env_factory=_cached_make_env)
-
-
-class ProcessRunner:
-    """Runs LIBERO tasks in ``processes`` spawned workers (never forked: the app may hold threads and sockets).
-
-    A worker that dies (out of memory, a simulator crash) or outlives the request's deadline is
-    replaced, so one bad episode never disables LIBERO for the process.
-    """
-
-    GRACE_S = 30.0  # beyond the deadline, for a worker to notice it and answer
-
-    def __init__(self, urls: list[str], pool_options: dict[str, Any], processes: int) -> None:
-        import threading
-
-        self._args = (list(urls), dict(pool_options), os.getpid())
-        self._processes = processes
-        self._lock = threading.Lock()
-        self._executor = self._new_executor()
-
-    def _new_executor(self):
-        import concurrent.futures
-        import multiprocessing
-
-        return concurrent.futures.ProcessPoolExecutor(
-            max_workers=self._processes, mp_context=multiprocessing.get_context("spawn"),
-            initializer=_init_worker, initargs=self._args,
-        )
-
-    def _replace(self, broken) -> None:
-        with self._lock:
-            if self._executor is broken:
-                for process in list(getattr(broken, "_processes", {}).values()):
-                    process.kill()  # a hung worker will not stop by itself
-                broken.shutdown(wait=False, cancel_futures=True)
-                self._executor = self._new_executor()
-
-    def run(self, task: LiberoTask, deadline: float, budget_s: float, failure_score: float, tracker=None):
-        import concurrent.futures
-        from concurrent.futures.process import BrokenProcessPool
-
-        for attempt in range(2):
-            executor = self._executor
-            try:
-                future = executor.submit(_run_in_worker, task, deadline, budget_s, failure_score, tracker)
-                return future.result(timeout=max(0.0, deadline - time.monotonic()) + self.GRACE_S)
-            except BrokenProcessPool:
-                self._replace(executor)
-                if attempt:
-                    raise
-            except concurrent.futures.TimeoutError:
-                self._replace(executor)
-                raise TimeoutError(f"LIBERO worker still busy past the request's time limit ({budget_s:g}s)") from None
-        raise AssertionError("unreachable")
-
-    def close(self) -> None:
-        self._executor.shutdown(wait=False, cancel_futures=True)
+def units(task: LiberoTask) -> int:
+    return task.episodes

@@ -1,0 +1,1 @@
+"""Task kinds: one module each behind one interface, found through :mod:`.registry`."""
