@@ -4,7 +4,8 @@
 
 One gpu_worker (the shipped CartPole policy) and the reward app under gunicorn
 run in their own processes; the app is started once per store (``memory``,
-the in-process baseline, and ``sqlite``, the default), and in one run:
+the in-process baseline; ``sqlite``, the default; ``redis``, on a local
+``redis-server`` started here when one is installed), and in one run:
 
 1. ``POST /score`` of N one-step CartPole tasks with ``"cache": false``: wall
    time per task with each store, repeated and alternated; the store's
@@ -21,7 +22,10 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
+import shutil
+import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -36,7 +40,7 @@ from benchlib import start_reward_app, write_results  # noqa: E402
 from gpu_worker.config import ServerConfig  # noqa: E402
 from gpu_worker.launch import start_server_process  # noqa: E402
 
-STORES = ("memory", "sqlite")
+STORES = ("memory", "sqlite", "redis")
 
 
 def call(base: str, method: str, path: str, body: dict | None = None) -> dict:
@@ -45,6 +49,29 @@ def call(base: str, method: str, path: str, body: dict | None = None) -> dict:
                                      headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=600) as response:
         return json.loads(response.read())
+
+
+def start_redis(workdir: str) -> tuple[subprocess.Popen | None, str]:
+    """A throwaway redis-server on a free loopback port, or (None, "") where none is installed."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        print("redis-server is not installed: the redis store is left out (scripts/install_redis.sh)")
+        return None, ""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                             "--dir", workdir], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    import redis
+
+    for _ in range(200):
+        try:
+            redis.Redis(port=port).ping()
+            return proc, f"redis://127.0.0.1:{port}/0"
+        except redis.ConnectionError:
+            time.sleep(0.05)
+    proc.kill()
+    raise RuntimeError("redis-server did not start")
 
 
 def jobs_per_second(base: str, n: int) -> float:
@@ -67,23 +94,25 @@ def main() -> int:
     server = start_server_process(ServerConfig(port=0, models=(CARTPOLE,), log_level="WARNING"))
     scratch = tempfile.TemporaryDirectory()
     apps = {}
+    redis_proc, redis_url = start_redis(scratch.name)
+    stores = [s for s in STORES if s != "redis" or redis_url]
     try:
-        for store in STORES:
-            apps[store] = start_reward_app([server.url], env={"REWARD_JOB_STORE": store,
+        for store in stores:
+            apps[store] = start_reward_app([server.url], env={"REWARD_JOB_STORE": store, "REWARD_REDIS_URL": redis_url,
                                                               "REWARD_DATA_DIR": f"{scratch.name}/{store}"})
         responses = [short_task(i, 1) for i in range(args.tasks)]
-        per_task: dict[str, list[float]] = {store: [] for store in STORES}
+        per_task: dict[str, list[float]] = {store: [] for store in stores}
         for _ in range(args.repeats + 1):  # the first round warms up and is dropped
-            for store in STORES:
+            for store in stores:
                 seconds, result = post_score(apps[store][1], responses, {"cache": False, "max_workers": 4})
                 assert result["failures"] == 0, result
                 per_task[store].append(seconds / args.tasks * 1000)
         per_task = {store: times[1:] for store, times in per_task.items()}
         overhead = {store: statistics.median(a - b for a, b in zip(per_task[store], per_task["memory"]))
-                    for store in STORES}
+                    for store in stores}
         results: dict = {"date": time.strftime("%Y-%m-%d"), "tasks_per_request": args.tasks,
                          "repeats": args.repeats, "stores": {}}
-        for store in STORES:
+        for store in stores:
             base = apps[store][1]
             post_score(base, responses, {"max_workers": 4})  # fill the cache
             seconds, cached = post_score(base, responses, {"max_workers": 4})
@@ -99,6 +128,9 @@ def main() -> int:
             proc.terminate()
             proc.wait(30)
         server.stop()
+        if redis_proc is not None:
+            redis_proc.terminate()
+            redis_proc.wait(10)
         scratch.cleanup()
     print(f"\nJobs and the result store ({args.tasks} one-step CartPole tasks per /score, median of {args.repeats})\n")
     print("  store  | /score ms per task | added per task vs memory | jobs/s (1 task each) | cached ms per task")

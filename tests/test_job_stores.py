@@ -151,3 +151,16 @@ def test_an_unreachable_redis_is_a_clear_503(start_server):
     finally:
         app.extensions["job_runner"].close()
         app.extensions["client_pool"].close()
+
+
+def test_a_full_database_is_a_store_error_that_names_it(tmp_path):
+    from pi0_reward_server.jobs.store_sqlite import StoreError
+
+    store = SQLiteStore(tmp_path / "jobs.sqlite3")
+    db = store._db()
+    pages = db.execute("PRAGMA page_count").fetchone()[0]
+    db.execute(f"PRAGMA max_page_count = {pages + 2}")  # as a full disk would: no room for more pages
+    with pytest.raises(StoreError, match="database or disk is full"):
+        for i in range(1000):
+            store.create_job(f"j{i}", {"responses": ["x" * 2000]}, [{"n": n} for n in range(20)], [1] * 20)
+    assert store.get("j0") is not None  # what was written before stays readable

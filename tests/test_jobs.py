@@ -253,8 +253,12 @@ def test_jobs_across_gunicorn_workers_and_a_killed_app(start_server, tmp_path):
                                         {"Content-Type": "application/json"})
         long_id = json.loads(body)["id"]
         wait_for(lambda: json.loads(first.request("GET", f"/jobs/{long_id}")[2])["tasks"]["done"] >= 1)
-        for _ in range(20):  # any worker answers for any job
-            workers.add(first.request("GET", f"/jobs/{long_id}")[1].get("X-Reward-Worker"))
+        for _ in range(300):  # any worker answers for any job: keep asking until both have
+            status, headers, _ = first.request("GET", f"/jobs/{long_id}")
+            assert status == 200
+            workers.add(headers.get("X-Reward-Worker"))
+            if len(workers - {None}) == 2:
+                break
     finally:
         children = [int(p.parent.name) for p in pathlib.Path("/proc").glob("[0-9]*/stat")
                     if _ppid(p) == first.proc.pid]
@@ -265,7 +269,7 @@ def test_jobs_across_gunicorn_workers_and_a_killed_app(start_server, tmp_path):
             except ProcessLookupError:
                 pass
         first.proc.wait(30)
-    assert len(workers - {None}) >= 1
+    assert len(workers - {None}) == 2
     second = Gunicorn(tmp_path, {**env, "GUNICORN_WORKERS": "1"})
     try:
         finished_job = json.loads(second.request("GET", f"/jobs/{done_id}")[2])
