@@ -120,6 +120,23 @@ class CliServer:
 
 
 @pytest.fixture
+def openpi_servers():
+    """openpi_servers(**options) -> a running serial openpi-style server (tests/openpi_style_server.py)."""
+    from openpi_style_server import OpenpiStyleServer
+
+    made: list = []
+
+    def make(**options):
+        server = OpenpiStyleServer(**options).start()
+        made.append(server)
+        return server
+
+    yield make
+    for server in made:
+        server.stop()
+
+
+@pytest.fixture
 def cli_server(tmp_path):
     servers: list[CliServer] = []
 

@@ -10,7 +10,6 @@ import pytest
 
 from conftest import affine
 from gpu_worker.client import ServerError
-from openpi_style_server import OpenpiStyleServer
 from pi0_reward_server.client_pool import ClientPool, InferenceFailed, PoolTimeout
 
 
@@ -39,20 +38,6 @@ def pools():
     yield make
     for pool in made:
         pool.close()
-
-
-@pytest.fixture
-def openpi_servers():
-    made: list[OpenpiStyleServer] = []
-
-    def make(**options) -> OpenpiStyleServer:
-        server = OpenpiStyleServer(**options).start()
-        made.append(server)
-        return server
-
-    yield make
-    for server in made:
-        server.stop()
 
 
 def test_concurrent_borrowers_never_share_a_connection(start_server, pools):

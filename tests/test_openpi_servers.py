@@ -18,7 +18,6 @@ import pytest
 
 from conftest import affine
 from gpu_worker.config import ModelConfig
-from openpi_style_server import OpenpiStyleServer
 from pi0_reward_server.app import create_app
 from pi0_reward_server.client_pool import ClientPool
 
@@ -29,20 +28,6 @@ DOTS = "gpu_worker.models.selfplay_net:DotsBoxes3x3Net"
 
 def obs(x: float) -> dict:
     return {"observation/state": np.array([x, x + 1], dtype=np.float32)}
-
-
-@pytest.fixture
-def openpi_servers():
-    made: list[OpenpiStyleServer] = []
-
-    def make(**options) -> OpenpiStyleServer:
-        server = OpenpiStyleServer(**options).start()
-        made.append(server)
-        return server
-
-    yield make
-    for server in made:
-        server.stop()
 
 
 @pytest.fixture
