@@ -33,6 +33,8 @@ from pi0_reward_server.policies import DeadlinePolicy, PoolPolicy
 from pi0_reward_server.kinds.registry import Limits, TaskError, parse_task, task_work, validate_kwargs
 
 logger = logging.getLogger("pi0_reward_server")
+MAX_STREAMS = 8  # event streams open at once per worker process (each holds a request thread)
+STREAM_SECONDS = 600.0  # then the stream ends and the client reconnects (its retry is 2 s)
 
 
 class BadRequest(ValueError):
@@ -208,42 +210,65 @@ def create_app(config: AppConfig | Mapping[str, Any] | None = None, *, pool: Cli
         body = {"responses": responses, "reward_function_kwargs": kwargs}
         return body, tasks, kwargs, max_workers
 
-    def submit(deadline_s: float):
-        """Validate, admit and submit: (job id, created) or an error response."""
+    def store_message(exc: StoreError) -> str:
+        """What a client may read of a store error: the reason, not the server's file paths."""
+        return str(exc).replace(str(pathlib.Path(settings.data_dir).resolve()), "<data_dir>")
+
+    def submit(deadline_s: float, *, immediate: bool):
+        """Validate, admit and submit: ((job id, created), None) or (None, an error response)."""
+        deadline = time.monotonic() + deadline_s  # counted from the request's arrival, whatever it waits for
         try:
             body, tasks, kwargs, max_workers = parse_work()
         except (BadRequest, TaskError) as exc:
             return None, (jsonify(error=str(exc), field=exc.field), 400)
         key = request.headers.get("Idempotency-Key")
-        if key is not None and not (0 < len(key) <= 200 and key.isprintable()):
-            return None, (jsonify(error="Idempotency-Key must be 1 to 200 printable characters",
-                                  field="Idempotency-Key"), 400)
+        if key is not None:
+            if not (0 < len(key) <= 200 and key.isprintable()):
+                return None, (jsonify(error="Idempotency-Key must be 1 to 200 printable characters",
+                                      field="Idempotency-Key"), 400)
+            existing = store.find_idempotent(key)  # a retry: no admission needed, and the same body or nothing
+            if existing is not None:
+                if existing[1] != body:
+                    return None, (jsonify(error="Idempotency-Key was already used with a different body",
+                                          field="Idempotency-Key", job_id=existing[0]), 422)
+                return (existing[0], False), None
         if pool.healthy_servers == 0:
             return None, retry_later(503, "no model server is usable; see /pool_status")
         if not admission.acquire(len(tasks)):
             return None, retry_later(429, f"busy: {admission.inflight} tasks in flight in this worker "
                                           f"(max_inflight_tasks={settings.max_inflight_tasks}); retry later")
         try:
-            return jobs.submit(body, tasks, max_workers=max_workers, deadline_s=deadline_s,
-                               use_cache=kwargs.get("cache", True), idempotency_key=key,
+            return jobs.submit(body, tasks, max_workers=max_workers, deadline=deadline,
+                               use_cache=kwargs.get("cache", True), idempotency_key=key, immediate=immediate,
                                on_end=lambda: admission.release(len(tasks))), None
-        except StoreError as exc:
+        except BaseException as exc:  # the job never started: its tasks were never admitted
             admission.release(len(tasks))
-            return None, retry_later(503, f"the job store is not usable: {exc}")
+            if isinstance(exc, StoreError):
+                return None, retry_later(503, f"the job store is not usable: {store_message(exc)}")
+            raise
 
     @app.post("/score")
     def score():
-        """Submit and wait: the same path as a job, answered when it ends."""
+        """Submit and wait: the same path as a job (on a thread of its own, never queued behind jobs),
+        answered when it ends."""
         if not authorized():
             return unauthorized()
-        submitted, error = submit(settings.max_request_seconds)
+        submitted, error = submit(settings.max_request_seconds, immediate=True)
         if error is not None:
             return error
         job_id, _ = submitted
-        job = jobs.wait(job_id, settings.max_request_seconds + 60)
-        if job is None or job["result"] is None:
-            reason = (job or {}).get("error") or "the job did not finish in time"
-            return jsonify(error=f"job {job_id} {(job or {}).get('state', 'vanished')}: {reason}", job_id=job_id), 500
+        job = jobs.wait(job_id, settings.max_request_seconds + 30)
+        if job is not None and job["state"] not in TERMINAL:
+            jobs.cancel(job_id)  # nobody will read it: stop its inference
+            return jsonify(error=f"job {job_id} did not finish within max_request_seconds "
+                                 f"({settings.max_request_seconds:g}s); it was cancelled", job_id=job_id), 504
+        if job is None:
+            return jsonify(error=f"job {job_id} vanished from the store", job_id=job_id), 500
+        if job["state"] == "cancelled":  # not rewards: a trainer must not read failure scores as scores
+            return jsonify(error=f"job {job_id} was cancelled before it finished", job_id=job_id, state="cancelled",
+                           partial=job["result"]), 409
+        if job["result"] is None:
+            return retry_later(503, f"job {job_id} failed: {job['error']}")
         return jsonify(job["result"])
 
     def job_view(job: dict) -> dict:
@@ -274,11 +299,13 @@ def create_app(config: AppConfig | Mapping[str, Any] | None = None, *, pool: Cli
             return None, (jsonify(error=f"no job {job_id!r} (unknown, or expired after job_retention_s)"), 404)
         return job, None
 
+    streams = threading.BoundedSemaphore(MAX_STREAMS)
+
     @app.post("/jobs")
     def submit_job():
         if not authorized():
             return unauthorized()
-        submitted, error = submit(settings.max_job_seconds)
+        submitted, error = submit(settings.max_job_seconds, immediate=False)
         if error is not None:
             return error
         job_id, created = submitted
@@ -328,7 +355,12 @@ def create_app(config: AppConfig | Mapping[str, Any] | None = None, *, pool: Cli
         if error:
             return error
 
+        if not streams.acquire(blocking=False):
+            return retry_later(429, f"too many event streams open in this worker ({MAX_STREAMS}); "
+                                    "poll GET /jobs/<id> instead, or retry later")
+
         def stream():
+            opened = time.monotonic()
             last, sent, quiet_since = None, 0, time.monotonic()
             yield "retry: 2000\n\n"
             while True:
@@ -339,23 +371,25 @@ def create_app(config: AppConfig | Mapping[str, Any] | None = None, *, pool: Cli
                 view = job_view(job)
                 terminal = job["state"] in TERMINAL and (job["result"] is not None or job["state"] != "done")
                 progress = {k: view[k] for k in ("id", "state", "tasks", "units", "progress", "partial_scores")}
-                if view.get("eta_s") is not None:
-                    progress["eta_s"] = view["eta_s"]
-                if progress != last:
+                if progress != last:  # the ETA changes every poll: it rides along, it does not trigger
                     sent += 1
                     last, quiet_since = progress, time.monotonic()
-                    yield f"id: {sent}\nevent: progress\ndata: {json.dumps(progress)}\n\n"
+                    yield f"id: {sent}\nevent: progress\ndata: {json.dumps({**progress, 'eta_s': view.get('eta_s')})}\n\n"
                 if terminal:
                     sent += 1
                     yield f"id: {sent}\nevent: result\ndata: {json.dumps(view)}\n\n"
                     return
+                if time.monotonic() - opened > STREAM_SECONDS:
+                    return  # a gthread thread is not held for a whole job: the client reconnects (retry)
                 if time.monotonic() - quiet_since > 15:
                     quiet_since = time.monotonic()
                     yield ": keep-alive\n\n"
                 time.sleep(0.25)
 
-        return Response(stream_with_context(stream()), mimetype="text/event-stream",
-                        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        response = Response(stream_with_context(stream()), mimetype="text/event-stream",
+                            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        response.call_on_close(streams.release)  # also when the client leaves before the first event
+        return response
 
     @app.get("/pool_status")
     def pool_status():
@@ -391,7 +425,7 @@ def create_app(config: AppConfig | Mapping[str, Any] | None = None, *, pool: Cli
     @app.errorhandler(StoreError)
     def store_failed(exc: StoreError):
         logger.error("job store error: %s", exc)
-        return retry_later(503, f"the job store is not usable: {exc}")
+        return retry_later(503, f"the job store is not usable: {store_message(exc)}")
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException):

@@ -102,6 +102,8 @@ class AppConfig:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"{name} must be a positive number of seconds, got {value!r}")
+        if self.job_stale_s < 10:
+            raise ConfigError(f"job_stale_s must be at least 10 (jobs beat every 2 s), got {self.job_stale_s!r}")
         if self.job_store not in ("sqlite", "redis", "memory"):
             raise ConfigError(f"job_store must be 'sqlite', 'redis' or 'memory', got {self.job_store!r}")
         if self.libero_execution not in ("process", "thread"):

@@ -44,4 +44,15 @@ loglevel = os.environ.get("GUNICORN_LOGLEVEL", "info")
 pidfile = os.environ.get("GUNICORN_PIDFILE") or None
 # gunicorn >= 23 opens a control socket at one fixed path per user; two apps on one box
 # would fight over it, and nothing here uses it.
+
+
+def worker_exit(server, worker) -> None:
+    """A worker that stops marks the jobs it was running failed with the reason at once (they cannot go on
+    without it), instead of leaving them for the stale-job sweep."""
+    app = getattr(worker, "wsgi", None)
+    runner = getattr(app, "extensions", {}).get("job_runner") if app is not None else None
+    if runner is not None:
+        runner.close()
+
+
 control_socket_disable = os.environ.get("GUNICORN_CONTROL_SOCKET", "0") != "1"

@@ -232,7 +232,7 @@ def test_jobs_across_gunicorn_workers_and_a_killed_app(start_server, tmp_path):
     the finished job is served intact, the unfinished one is marked failed with the reason."""
     server = start_server(models=(affine(delay_s=0.005),), log_level="WARNING")
     env = {"MODEL_SERVERS": server.url, "GUNICORN_WORKERS": "2", "REWARD_DATA_DIR": str(tmp_path / "data"),
-           "REWARD_JOB_STALE_S": "3"}
+           "REWARD_JOB_STALE_S": "10"}
     first = Gunicorn(tmp_path, env)
     try:
         status, _, body = first.request("POST", "/jobs", json.dumps({"responses": ["cartpole_short"],
@@ -276,7 +276,7 @@ def test_jobs_across_gunicorn_workers_and_a_killed_app(start_server, tmp_path):
         assert finished_job["state"] == "done" and finished_job["result"]["scores"] == [0.0]
         assert finished_job["result"]["failures"] == 0
         failed = wait_for(lambda: (j := json.loads(second.request("GET", f"/jobs/{long_id}")[2]))["state"] == "failed"
-                          and j, timeout=30, every=0.2)
+                          and j, timeout=60, every=0.2)
         assert "stopped before it finished" in failed["error"]
         assert failed["tasks"]["done"] >= 1 and failed["partial_scores"][0] == 0.0  # finished tasks kept
     finally:
@@ -309,3 +309,49 @@ def test_example_client_follows_a_job_through_its_event_stream(start_server, tmp
         assert "6/6" in done.stderr  # the progress bar reached every episode (tqdm writes to stderr)
     finally:
         app.stop()
+
+
+def test_score_never_waits_behind_jobs_and_a_queued_cancel_frees_everything_at_once(start_server, apps):
+    server = start_server(models=(affine(delay_s=0.005),), log_level="WARNING")
+    app = apps(model_servers=(server.url,), max_concurrent_jobs=1)
+    client = app.test_client()
+    admission = app.extensions["admission"]
+    running = client.post("/jobs", json={"responses": [LONG_TASK] * 6, "reward_function_kwargs": {"max_workers": 1}})
+    queued = client.post("/jobs", json={"responses": [LONG_TASK] * 3}).get_json()["id"]
+    wait_for(lambda: client.get(f"/jobs/{running.get_json()['id']}").get_json()["state"] == "running")
+    assert client.get(f"/jobs/{queued}").get_json()["state"] == "queued"  # the one job slot is taken
+    scored = client.post("/score", json={"responses": [{"task": "cartpole_short", "seed": 1}],
+                                         "reward_function_kwargs": {"episodes": 1}})
+    assert scored.status_code == 200 and scored.get_json()["failures"] == 0  # /score did not queue behind them
+    before = admission.inflight
+    assert client.delete(f"/jobs/{queued}").get_json()["state"] == "cancelled"
+    assert admission.inflight == before - 3  # freed now, not when the queue reaches it
+    client.delete(f"/jobs/{running.get_json()['id']}")
+
+
+def test_an_idempotency_key_reused_with_another_body_is_refused(start_server, apps):
+    server = start_server(models=(CARTPOLE,), log_level="WARNING")
+    client = apps(model_servers=(server.url,)).test_client()
+    first = client.post("/jobs", json={"responses": ["cartpole_short"]}, headers={"Idempotency-Key": "step-9"})
+    other = client.post("/jobs", json={"responses": ["cartpole"]}, headers={"Idempotency-Key": "step-9"})
+    assert other.status_code == 422 and other.get_json()["job_id"] == first.get_json()["id"]
+    assert "different body" in other.get_json()["error"]
+
+
+def test_score_of_a_job_cancelled_meanwhile_is_409_not_rewards(start_server, apps):
+    import threading
+
+    server = start_server(models=(affine(delay_s=0.005),), log_level="WARNING")
+    app = apps(model_servers=(server.url,))
+    client = app.test_client()
+    answer: dict = {}
+    thread = threading.Thread(target=lambda: answer.update(r=client.post(
+        "/score", json={"responses": [LONG_TASK] * 4, "reward_function_kwargs": {"max_workers": 1}})))
+    thread.start()
+    job_id = wait_for(lambda: (page := client.get("/jobs").get_json()["jobs"]) and page[0]["state"] == "running"
+                      and page[0]["id"])
+    client.delete(f"/jobs/{job_id}")
+    thread.join(60)
+    response = answer["r"]
+    assert response.status_code == 409 and response.get_json()["state"] == "cancelled"
+    assert response.get_json()["partial"]["failures"] >= 1

@@ -141,7 +141,10 @@ class LeRobotPolicy:
         self.chunk = int(cfg.chunk_size)
         self.output_spec = {"actions": TensorSpec((self.chunk, self.action_dim), "float32")}
         weights = (checkpoint / "model.safetensors").stat()  # size and time, not a read of gigabytes
-        digest = hashlib.sha256((checkpoint / "config.json").read_bytes()
+        options = json.dumps({"key_map": key_map, "seed": seed, "autocast": autocast,
+                              "num_steps": getattr(cfg, "num_steps", getattr(cfg, "num_inference_steps", None))},
+                             sort_keys=True)  # what else changes the actions: another version too
+        digest = hashlib.sha256((checkpoint / "config.json").read_bytes() + options.encode()
                                 + f"{weights.st_size}:{weights.st_mtime_ns}".encode()).hexdigest()[:12]
         self.version = f"{cfg.type}:{checkpoint.name}@{digest}"
         accepts = inspect.signature(policy.predict_action_chunk).parameters

@@ -16,19 +16,20 @@ mid-episode, and resubmitting (with caching) re-runs only what did not finish.
 
 from __future__ import annotations
 
-import concurrent.futures
+import dataclasses
 import hashlib
 import json
 import logging
 import os
+import queue
 import threading
 import time
 import uuid
 from typing import Callable
 
 from pi0_reward_server.jobs.store_sqlite import TERMINAL
-from pi0_reward_server.kinds.registry import units_of
 from pi0_reward_server.jobs.tracking import TaskTracker
+from pi0_reward_server.kinds.registry import units_of
 
 logger = logging.getLogger(__name__)
 HEARTBEAT_S = 2.0
@@ -42,6 +43,20 @@ def models_of(task) -> list[str | None]:
     return models
 
 
+CACHE_VERSION = 1  # bump when a change to the kinds alters outcomes for the same spec (settle steps, encodings)
+
+
+@dataclasses.dataclass(eq=False)
+class _Job:
+    """What this process holds for a job it runs: how to stop it, and how to say it ended (once)."""
+
+    cancel: threading.Event = dataclasses.field(default_factory=threading.Event)
+    done: threading.Event = dataclasses.field(default_factory=threading.Event)
+    on_end: Callable[[], None] | None = None
+    started: bool = False
+    ended: bool = False
+
+
 class JobRunner:
     def __init__(self, store, *, run_tasks: Callable[..., list], model_version: Callable[[str | None], str | None],
                  failure_score: float, max_concurrent_jobs: int = 8, job_stale_s: float = 60.0,
@@ -53,18 +68,25 @@ class JobRunner:
         self.job_stale_s = job_stale_s
         self.retention_s = retention_s
         self.owner = f"{os.uname().nodename}:{os.getpid()}"
-        self._executor = concurrent.futures.ThreadPoolExecutor(max_concurrent_jobs, thread_name_prefix="job")
         self._lock = threading.Lock()
-        self._running: dict[str, threading.Event] = {}  # job id -> its cancel event
-        self._finished: dict[str, threading.Event] = {}
+        self._jobs: dict[str, _Job] = {}
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._closed = threading.Event()
+        # Daemon threads, not a ThreadPoolExecutor: at exit Python joins an executor's threads before atexit
+        # handlers run, so a worker would hang until every job ended. Jobs cut short are marked by close().
+        for i in range(max_concurrent_jobs):
+            threading.Thread(target=self._work, name=f"job-{i}", daemon=True).start()
         self._janitor = threading.Thread(target=self._maintain, name="job-heartbeat", daemon=True)
         self._janitor.start()
 
     # -- submit, wait, cancel ---------------------------------------------------
-    def submit(self, request: dict, tasks: list, *, max_workers: int, deadline_s: float, use_cache: bool = True,
-               idempotency_key: str | None = None, on_end: Callable[[], None] | None = None) -> tuple[str, bool]:
-        """(job id, created): with an Idempotency-Key already used, the existing job and False."""
+    def submit(self, request: dict, tasks: list, *, max_workers: int, deadline: float, use_cache: bool = True,
+               idempotency_key: str | None = None, on_end: Callable[[], None] | None = None,
+               immediate: bool = False) -> tuple[str, bool]:
+        """(job id, created): with an Idempotency-Key already used, the existing job and False.
+
+        ``deadline`` is on time.monotonic(). ``immediate``: run on a thread of its own now (``/score``,
+        whose caller is waiting) rather than in the queue of at most ``max_concurrent_jobs``."""
         job_id = uuid.uuid4().hex
         specs = [task.describe() for task in tasks]
         job_id, created = self.store.create_job(job_id, request, specs, [units_of(t) for t in tasks],
@@ -73,26 +95,26 @@ class JobRunner:
             if on_end is not None:
                 on_end()
             return job_id, False
-        done = threading.Event()
+        job = _Job(on_end=on_end)
         with self._lock:
-            self._finished[job_id] = done
-            self._running[job_id] = threading.Event()
-        try:
-            self._executor.submit(self._run, job_id, tasks, max_workers, deadline_s, use_cache, on_end)
-        except RuntimeError:  # shutting down
+            self._jobs[job_id] = job
+        work = (job_id, tasks, max_workers, deadline, use_cache)
+        if self._closed.is_set():
             self.store.finish_job(job_id, "failed", error="the app is shutting down")
-            done.set()
-            if on_end is not None:
-                on_end()
+            self._end(job_id)
+        elif immediate:
+            threading.Thread(target=self._run, args=work, name="score-job", daemon=True).start()
+        else:
+            self._queue.put(work)
         return job_id, True
 
     def wait(self, job_id: str, timeout_s: float) -> dict | None:
         """The job once it has ended (or as it is when ``timeout_s`` runs out)."""
         with self._lock:
-            done = self._finished.get(job_id)
+            job = self._jobs.get(job_id)
         deadline = time.monotonic() + timeout_s
-        if done is not None:
-            done.wait(timeout_s)
+        if job is not None:
+            job.done.wait(timeout_s)
         else:  # run by another process: follow the store
             while self.store.state(job_id) not in (*TERMINAL, None) and time.monotonic() < deadline:
                 time.sleep(0.2)
@@ -101,36 +123,67 @@ class JobRunner:
     def cancel(self, job_id: str) -> str | None:
         state = self.store.cancel(job_id)
         with self._lock:
-            event = self._running.get(job_id)
-        if event is not None:
-            event.set()  # this process runs it: stop at once; other processes see it in the store
+            job = self._jobs.get(job_id)
+        if job is not None:
+            job.cancel.set()  # this process runs it: stop at once; other processes see it in the store
+            if not job.started:
+                self._end(job_id)  # still queued: it frees its admission and waiters now, not when dequeued
         return state
 
     def close(self) -> None:
+        """Stop: jobs this process was running or holding are marked failed with the reason (not cancelled:
+        nobody asked), so a client sees why at once instead of after ``job_stale_s``."""
         self._closed.set()
         with self._lock:
-            for event in self._running.values():
-                event.set()
-        self._executor.shutdown(wait=False, cancel_futures=True)
+            jobs = dict(self._jobs)
+        for job_id, job in jobs.items():
+            try:
+                self.store.finish_job(job_id, "failed", error="the app process shut down before this job finished; "
+                                                              "finished tasks keep their results; resubmit for the rest")
+            except Exception:  # noqa: BLE001 - the store may be what failed; the stale sweep marks it later
+                logger.error("could not mark job %s failed at shutdown", job_id, exc_info=True)
+            job.cancel.set()
+            self._end(job_id)
+
+    def _end(self, job_id: str) -> None:
+        with self._lock:
+            job = self._jobs.get(job_id)
+            if job is None or job.ended:
+                return
+            job.ended = True
+            self._jobs.pop(job_id, None)
+        job.done.set()
+        if job.on_end is not None:
+            job.on_end()
 
     # -- running --------------------------------------------------------------
     def cache_key(self, task) -> str | None:
         versions = []
         for model in models_of(task):
             version = self._model_version(model)
-            if version is None:
-                return None  # a server that does not report versions, or servers that disagree
+            if version is None or version.endswith("@init"):
+                return None  # no version reported, servers disagree, or weights not tied to a checkpoint
             versions.append(version)
-        canonical = json.dumps({"task": task.describe(), "models": versions}, sort_keys=True, separators=(",", ":"))
+        canonical = json.dumps({"task": task.describe(), "models": versions, "cache_version": CACHE_VERSION},
+                               sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()
 
-    def _run(self, job_id: str, tasks: list, max_workers: int, deadline_s: float, use_cache: bool,
-             on_end: Callable[[], None] | None) -> None:
+    def _work(self) -> None:
+        while not self._closed.is_set():
+            self._run(*self._queue.get())
+
+    def _run(self, job_id: str, tasks: list, max_workers: int, deadline: float, use_cache: bool) -> None:
         started = time.monotonic()
-        cancel = self._running[job_id]
+        with self._lock:
+            job = self._jobs.get(job_id)
+            if job is not None:
+                job.started = True
+        if job is None or job.ended:
+            return  # cancelled (or shut down) while queued
+        cancel = job.cancel
         try:
             if not self.store.start_job(job_id, self.owner):
-                return  # cancelled while queued
+                return  # cancelled while queued, by another process
             details: list[dict | None] = [None] * len(tasks)
             keys = [self.cache_key(task) if use_cache else None for task in tasks]
             pending = []
@@ -146,12 +199,15 @@ class JobRunner:
                 i = pending[k]
                 details[i] = {**result.to_dict(), "cached": False}
                 self.store.finish_task(job_id, i, result.score, details[i])
-                if keys[i] is not None and result.error is None and not cancel.is_set():
+                # Cache only a clean result, and only if the model versions are still those it started with
+                # (a server restarted with other weights mid-job must not file its results under the old key).
+                if (keys[i] is not None and result.error is None and not details[i].get("episode_errors")
+                        and not cancel.is_set() and self.cache_key(tasks[i]) == keys[i]):
                     self.store.remember(keys[i], details[i])
 
             if pending:
                 trackers = [TaskTracker(self.store, job_id, i, cancel) for i in pending]
-                self._run_tasks([tasks[i] for i in pending], max_workers, started + deadline_s, trackers, record)
+                self._run_tasks([tasks[i] for i in pending], max_workers, deadline, trackers, record)
             result = {
                 "job_id": job_id,
                 "scores": [d["score"] for d in details],
@@ -169,20 +225,14 @@ class JobRunner:
             except Exception:  # noqa: BLE001 - the store itself is failing; the heartbeat sweep will mark it
                 logger.error("could not record the failure of job %s", job_id, exc_info=True)
         finally:
-            with self._lock:
-                self._running.pop(job_id, None)
-                done = self._finished.pop(job_id, None)
-            if done is not None:
-                done.set()
-            if on_end is not None:
-                on_end()
+            self._end(job_id)
 
     def _maintain(self) -> None:
         last_sweep = 0.0
         while not self._closed.wait(HEARTBEAT_S):
             try:
                 with self._lock:
-                    running = list(self._running)
+                    running = list(self._jobs)
                 self.store.heartbeat(running)
                 if time.monotonic() - last_sweep >= min(30.0, self.job_stale_s / 2):
                     last_sweep = time.monotonic()

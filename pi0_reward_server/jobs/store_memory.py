@@ -35,6 +35,12 @@ class MemoryStore:
                 self._keys[idempotency_key] = job_id
         return job_id, True
 
+    def find_idempotent(self, key):
+        with self._lock:
+            job_id = self._keys.get(key)
+            job = self._jobs.get(job_id) if job_id else None
+            return (job_id, copy.deepcopy(job["request"])) if job else None
+
     def start_job(self, job_id, owner):
         with self._lock:
             job = self._jobs[job_id]
@@ -118,7 +124,9 @@ class MemoryStore:
         with self._lock:
             old = [j for j, job in self._jobs.items() if job["finished"] and job["finished"] < cutoff]
             for job_id in old:
-                del self._jobs[job_id]
+                key = self._jobs.pop(job_id)["idempotency_key"]
+                if key is not None:
+                    self._keys.pop(key, None)
             self._cache = {k: v for k, v in self._cache.items() if v[0] >= cutoff}
             return len(old)
 

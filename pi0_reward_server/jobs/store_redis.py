@@ -21,6 +21,27 @@ from pi0_reward_server.jobs.store_sqlite import StoreError
 
 TASK_FIELDS = ("spec", "state", "score", "result", "units_done", "units_total", "cached")
 
+_CREATE = """
+-- KEYS: job, idem key (or ''), jobs zset, active set. ARGV: id, now, request, total, idem ttl, then spec, units ...
+if KEYS[2] ~= '' then
+  local existing = redis.call('GET', KEYS[2])
+  if existing then return existing end
+  redis.call('SET', KEYS[2], ARGV[1], 'EX', ARGV[5])
+  redis.call('HSET', KEYS[1], 'idempotency_key', string.sub(KEYS[2], string.len(ARGV[6]) + 1))
+end
+redis.call('HSET', KEYS[1], 'id', ARGV[1], 'state', 'queued', 'created', ARGV[2], 'request', ARGV[3], 'total', ARGV[4])
+local n = tonumber(ARGV[4])
+for i = 0, n - 1 do
+  redis.call('HSET', KEYS[1] .. ':spec', i, ARGV[7 + 2 * i])
+  redis.call('HSET', KEYS[1] .. ':units_total', i, ARGV[8 + 2 * i])
+  redis.call('HSET', KEYS[1] .. ':state', i, 'queued')
+  redis.call('HSET', KEYS[1] .. ':units_done', i, 0)
+  redis.call('HSET', KEYS[1] .. ':cached', i, 0)
+end
+redis.call('ZADD', KEYS[3], ARGV[2], ARGV[1])
+redis.call('SADD', KEYS[4], ARGV[1])
+return false
+"""
 _START = """
 if redis.call('HGET', KEYS[1], 'state') ~= 'queued' then return 0 end
 redis.call('HSET', KEYS[1], 'state', 'running', 'started', ARGV[1], 'heartbeat', ARGV[1], 'owner', ARGV[2])
@@ -31,6 +52,7 @@ local state = redis.call('HGET', KEYS[1], 'state')
 if not state then return false end
 if state == 'done' or state == 'failed' or state == 'cancelled' then return state end
 redis.call('HSET', KEYS[1], 'state', 'cancelled', 'finished', ARGV[1], 'error', 'cancelled by request')
+redis.call('SREM', KEYS[3], ARGV[2])
 local states = redis.call('HGETALL', KEYS[2])
 for i = 1, #states, 2 do
   if states[i + 1] == 'queued' or states[i + 1] == 'running' then redis.call('HSET', KEYS[2], states[i], 'cancelled') end
@@ -45,6 +67,7 @@ if state ~= 'cancelled' then redis.call('HSET', KEYS[1], 'state', ARGV[1]) end
 if redis.call('HEXISTS', KEYS[1], 'finished') == 0 then redis.call('HSET', KEYS[1], 'finished', ARGV[2]) end
 if ARGV[3] ~= '' then redis.call('HSET', KEYS[1], 'result', ARGV[3]) end
 if ARGV[4] ~= '' and redis.call('HEXISTS', KEYS[1], 'error') == 0 then redis.call('HSET', KEYS[1], 'error', ARGV[4]) end
+redis.call('SREM', KEYS[2], ARGV[5])
 return 1
 """
 _PROGRESS = """
@@ -75,6 +98,7 @@ class RedisStore:
             self._redis.ping()
         except (redis.RedisError, OSError, ValueError) as exc:
             raise StoreError(f"cannot reach the Redis job store at {_safe(url)}: {exc}") from exc
+        self._create = self._redis.register_script(_CREATE)
         self._start = self._redis.register_script(_START)
         self._cancel = self._redis.register_script(_CANCEL)
         self._finish_job = self._redis.register_script(_FINISH_JOB)
@@ -95,25 +119,20 @@ class RedisStore:
 
     # -- jobs ---------------------------------------------------------------
     def create_job(self, job_id, request, specs, units, *, idempotency_key=None):
-        if idempotency_key is not None:
-            existing = self._call(self._redis.set, self._key("idem", idempotency_key), job_id, nx=True,
-                                  get=True, ex=int(self.retention_s))
-            if existing is not None:
-                return existing, False
-        now = time.time()
-        job = self._key("job", job_id)
-        pipe = self._redis.pipeline(transaction=True)
-        pipe.hset(job, mapping={"id": job_id, "state": "queued", "created": now, "request": json.dumps(request),
-                                "total": len(specs), **({"idempotency_key": idempotency_key} if idempotency_key else {})})
-        indices = range(len(specs))
-        pipe.hset(f"{job}:spec", mapping={i: json.dumps(spec) for i, spec in zip(indices, specs)})
-        pipe.hset(f"{job}:state", mapping={i: "queued" for i in indices})
-        pipe.hset(f"{job}:units_done", mapping={i: 0 for i in indices})
-        pipe.hset(f"{job}:units_total", mapping={i: u for i, u in zip(indices, units)})
-        pipe.hset(f"{job}:cached", mapping={i: 0 for i in indices})
-        pipe.zadd(self._key("jobs"), {job_id: now})
-        self._call(pipe.execute)
-        return job_id, True
+        """One script: the key and the job appear together or not at all (no key pointing at no job)."""
+        idem_prefix = self._key("idem", "")
+        args = [job_id, time.time(), json.dumps(request), len(specs), max(1, int(self.retention_s)), idem_prefix]
+        for spec, unit in zip(specs, units):
+            args += [json.dumps(spec), unit]
+        existing = self._call(self._create, keys=[self._key("job", job_id),
+                                                  idem_prefix + idempotency_key if idempotency_key else "",
+                                                  self._key("jobs"), self._key("active")], args=args)
+        return (existing, False) if existing else (job_id, True)
+
+    def find_idempotent(self, key):
+        job_id = self._call(self._redis.get, self._key("idem", key))
+        request = self._call(self._redis.hget, self._key("job", job_id), "request") if job_id else None
+        return (job_id, json.loads(request)) if request else None
 
     def start_job(self, job_id, owner):
         return bool(self._call(self._start, keys=[self._key("job", job_id)], args=[time.time(), owner]))
@@ -137,12 +156,12 @@ class RedisStore:
                    args=[idx, "failed" if result.get("error") else "done", score, json.dumps(result), int(cached)])
 
     def finish_job(self, job_id, state, result=None, error=None):
-        self._call(self._finish_job, keys=[self._key("job", job_id)],
-                   args=[state, time.time(), "" if result is None else json.dumps(result), error or ""])
+        self._call(self._finish_job, keys=[self._key("job", job_id), self._key("active")],
+                   args=[state, time.time(), "" if result is None else json.dumps(result), error or "", job_id])
 
     def cancel(self, job_id):
         job = self._key("job", job_id)
-        return self._call(self._cancel, keys=[job, f"{job}:state"], args=[time.time()])
+        return self._call(self._cancel, keys=[job, f"{job}:state", self._key("active")], args=[time.time(), job_id])
 
     def state(self, job_id):
         return self._call(self._redis.hget, self._key("job", job_id), "state")
@@ -190,10 +209,12 @@ class RedisStore:
     def fail_stale(self, older_than_s):
         cutoff = time.time() - older_than_s
         stale = []
-        for job_id in self._call(self._redis.zrange, self._key("jobs"), 0, -1):
+        for job_id in self._call(self._redis.smembers, self._key("active")):  # only queued and running jobs
             raw = self._call(self._redis.hmget, self._key("job", job_id), "state", "heartbeat", "created")
             state, beat, created = raw
-            if state in ("queued", "running") and float(beat or created or 0) < cutoff:
+            if state not in ("queued", "running"):
+                self._call(self._redis.srem, self._key("active"), job_id)
+            elif float(beat or created or 0) < cutoff:
                 self.finish_job(job_id, "failed", error="the app process running this job stopped before it "
                                                         "finished (no heartbeat); finished tasks keep their results; "
                                                         "resubmit for the rest")

@@ -147,6 +147,11 @@ class SQLiteStore:
                            [(job_id, i, json.dumps(spec), "queued", u) for i, (spec, u) in enumerate(zip(specs, units))])
         return job_id, True
 
+    def find_idempotent(self, key: str) -> tuple[str, dict] | None:
+        """(job id, its request) of the job an Idempotency-Key made, if any."""
+        rows = self._read("SELECT id, request FROM jobs WHERE idempotency_key = ?", (key,))
+        return (rows[0]["id"], json.loads(rows[0]["request"])) if rows else None
+
     def start_job(self, job_id: str, owner: str) -> bool:
         """Queued -> running; False when it was cancelled meanwhile."""
         now = time.time()

@@ -55,7 +55,8 @@ class TaskTracker:
         now = time.monotonic()
         if self.store is not None and now - self._checked >= CANCEL_CHECK_S:
             self._checked = now
-            self._cancelled = self.store.state(self.job_id) == "cancelled"
+            # Cancelled, or marked failed by another process (its owner was thought gone): stop either way.
+            self._cancelled = self.store.state(self.job_id) not in ("queued", "running")
         return self._cancelled
 
 
