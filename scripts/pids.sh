@@ -2,7 +2,7 @@
 
 has_tag() {  # PID TAG: the process's environment holds PI0_MODEL_SERVER_TAG=TAG
   local environ
-  environ=$(tr '\0' '\n' <"/proc/$1/environ" 2>/dev/null) || return 1
+  environ=$( { tr '\0' '\n' <"/proc/$1/environ"; } 2>/dev/null) || return 1  # the process may be gone
   [[ $'\n'"$environ"$'\n' == *$'\n'"PI0_MODEL_SERVER_TAG=$2"$'\n'* ]]
 }
 
@@ -12,8 +12,8 @@ is_ours() {  # PID TAG: the PID is alive and is the server start_pi0_models.sh s
   has_tag "$pid" "$tag" && return 0
   # A gpu_worker started by an older version of the script, before servers carried a tag.
   local environ cmdline
-  environ=$(tr '\0' '\n' <"/proc/$pid/environ" 2>/dev/null) || return 1
-  cmdline=$(tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null) || return 1
+  environ=$( { tr '\0' '\n' <"/proc/$pid/environ"; } 2>/dev/null) || return 1
+  cmdline=$( { tr '\0' ' ' <"/proc/$pid/cmdline"; } 2>/dev/null) || return 1
   [[ $'\n'"$environ" != *$'\n'PI0_MODEL_SERVER_TAG=* && "$cmdline" == *"-m gpu_worker "* ]]
 }
 
