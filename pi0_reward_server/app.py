@@ -25,6 +25,7 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from pi0_reward_server.client_pool import ClientPool
 from pi0_reward_server.config import AppConfig, load_config
+from pi0_reward_server.integrations.openrlhf import blueprint as openrlhf_blueprint
 from pi0_reward_server.jobs.runner import JobRunner
 from pi0_reward_server.jobs.store_memory import MemoryStore
 from pi0_reward_server.jobs.store_sqlite import TERMINAL, SQLiteStore, StoreError, UnusableStore
@@ -133,11 +134,13 @@ def create_app(config: AppConfig | Mapping[str, Any] | None = None, *, pool: Cli
         response.headers["WWW-Authenticate"] = 'Bearer realm="pi0-reward-server"'
         return response
 
-    def parse_body() -> tuple[list, dict[str, Any], int]:
-        try:
-            body = request.get_json(silent=True, force=True)
-        except RecursionError:
-            raise BadRequest("body", "JSON nests too deeply") from None
+    def parse_body(body: Any = None) -> tuple[list, dict[str, Any], int]:
+        """The request's JSON body (or ``body``, built by an adapter route), validated."""
+        if body is None:
+            try:
+                body = request.get_json(silent=True, force=True)
+            except RecursionError:
+                raise BadRequest("body", "JSON nests too deeply") from None
         if body is None:
             raise BadRequest("body", "must be a JSON object (Content-Type: application/json)")
         if not isinstance(body, dict):
@@ -193,9 +196,9 @@ def create_app(config: AppConfig | Mapping[str, Any] | None = None, *, pool: Cli
     app.extensions["job_runner"] = jobs
     atexit.register(jobs.close)
 
-    def parse_work() -> tuple[dict, list, dict[str, Any], int]:
+    def parse_work(body: Any = None) -> tuple[dict, list, dict[str, Any], int]:
         """The validated body, its tasks, kwargs and fan-out; BadRequest or TaskError on anything wrong."""
-        responses, kwargs, max_workers = parse_body()
+        responses, kwargs, max_workers = parse_body(body)
         tasks = [parse_task(i, response, kwargs, limits) for i, response in enumerate(responses)]
         steps, simulations = (sum(w) for w in zip(*(task_work(t, limits) for t in tasks)))
         if steps > settings.max_env_steps_per_request:
@@ -214,11 +217,11 @@ def create_app(config: AppConfig | Mapping[str, Any] | None = None, *, pool: Cli
         """What a client may read of a store error: the reason, not the server's file paths."""
         return str(exc).replace(str(pathlib.Path(settings.data_dir).resolve()), "<data_dir>")
 
-    def submit(deadline_s: float, *, immediate: bool):
+    def submit(deadline_s: float, *, immediate: bool, body: Any = None):
         """Validate, admit and submit: ((job id, created), None) or (None, an error response)."""
         deadline = time.monotonic() + deadline_s  # counted from the request's arrival, whatever it waits for
         try:
-            body, tasks, kwargs, max_workers = parse_work()
+            body, tasks, kwargs, max_workers = parse_work(body)
         except (BadRequest, TaskError) as exc:
             return None, (jsonify(error=str(exc), field=exc.field), 400)
         key = request.headers.get("Idempotency-Key")
@@ -247,29 +250,37 @@ def create_app(config: AppConfig | Mapping[str, Any] | None = None, *, pool: Cli
                 return None, retry_later(503, f"the job store is not usable: {store_message(exc)}")
             raise
 
+    def score_and_wait(seconds: float, body: Any = None):
+        """Submit and wait: (the job's result, None) or (None, an error response)."""
+        submitted, error = submit(seconds, immediate=True, body=body)
+        if error is not None:
+            return None, error
+        job_id, _ = submitted
+        job = jobs.wait(job_id, seconds + 30)
+        if job is not None and job["state"] not in TERMINAL:
+            jobs.cancel(job_id)  # nobody will read it: stop its inference
+            return None, (jsonify(error=f"job {job_id} did not finish within {seconds:g}s; it was cancelled "
+                                        "(its finished tasks are cached: a retry continues from them)",
+                                  job_id=job_id), 504)
+        if job is None:
+            return None, (jsonify(error=f"job {job_id} vanished from the store", job_id=job_id), 500)
+        if job["state"] == "cancelled":  # not rewards: a trainer must not read failure scores as scores
+            return None, (jsonify(error=f"job {job_id} was cancelled before it finished", job_id=job_id,
+                                  state="cancelled", partial=job["result"]), 409)
+        if job["result"] is None:
+            return None, retry_later(503, f"job {job_id} failed: {job['error']}")
+        return job["result"], None
+
+    app.extensions["score_and_wait"] = score_and_wait
+
     @app.post("/score")
     def score():
         """Submit and wait: the same path as a job (on a thread of its own, never queued behind jobs),
         answered when it ends."""
         if not authorized():
             return unauthorized()
-        submitted, error = submit(settings.max_request_seconds, immediate=True)
-        if error is not None:
-            return error
-        job_id, _ = submitted
-        job = jobs.wait(job_id, settings.max_request_seconds + 30)
-        if job is not None and job["state"] not in TERMINAL:
-            jobs.cancel(job_id)  # nobody will read it: stop its inference
-            return jsonify(error=f"job {job_id} did not finish within max_request_seconds "
-                                 f"({settings.max_request_seconds:g}s); it was cancelled", job_id=job_id), 504
-        if job is None:
-            return jsonify(error=f"job {job_id} vanished from the store", job_id=job_id), 500
-        if job["state"] == "cancelled":  # not rewards: a trainer must not read failure scores as scores
-            return jsonify(error=f"job {job_id} was cancelled before it finished", job_id=job_id, state="cancelled",
-                           partial=job["result"]), 409
-        if job["result"] is None:
-            return retry_later(503, f"job {job_id} failed: {job['error']}")
-        return jsonify(job["result"])
+        result, error = score_and_wait(settings.max_request_seconds)
+        return error or jsonify(result)
 
     def job_view(job: dict) -> dict:
         tasks = job.get("tasks", [])
@@ -300,6 +311,7 @@ def create_app(config: AppConfig | Mapping[str, Any] | None = None, *, pool: Cli
         return job, None
 
     streams = threading.BoundedSemaphore(MAX_STREAMS)
+    app.register_blueprint(openrlhf_blueprint(authorized, unauthorized, score_and_wait, settings))
 
     @app.post("/jobs")
     def submit_job():

@@ -58,6 +58,9 @@ class AppConfig:
     max_concurrent_jobs: int = 8  # per app worker process; more wait queued
     job_stale_s: float = 60.0  # a queued or running job whose process stopped beating this long is marked failed
     job_retention_s: float = 7 * 86400.0  # finished jobs and cached results older than this are deleted
+    # Trainer adapters
+    openrlhf_task: str | None = None  # the task of OpenRLHF samples whose label names none (reference or JSON)
+    openrlhf_timeout_s: float = 170.0  # under OpenRLHF's 180 s per call; past it 504, and a retry continues
     # HTTP
     token: str | None = None
     max_body_bytes: int = 8 * 2**20
@@ -98,7 +101,7 @@ class AppConfig:
             raise ConfigError("connections_per_server cannot exceed max_connections_per_server")
         for name in ("acquire_timeout_s", "request_timeout_s", "connect_timeout_s", "health_interval_s",
                      "probe_interval_s", "backoff_initial_s", "backoff_max_s", "max_request_seconds",
-                     "max_job_seconds", "job_stale_s", "job_retention_s"):
+                     "max_job_seconds", "job_stale_s", "job_retention_s", "openrlhf_timeout_s"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"{name} must be a positive number of seconds, got {value!r}")

@@ -1,0 +1,1 @@
+"""Trainer adapters: each trainer calls rewards in its own shape."""
