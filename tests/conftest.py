@@ -119,6 +119,54 @@ class CliServer:
         self._log.close()
 
 
+def close_app(app) -> None:
+    """Everything a reward app holds: its job runner, client pool and LIBERO worker processes."""
+    app.extensions["job_runner"].close()
+    app.extensions["client_pool"].close()
+    for runner in app.extensions["libero_runners"]:
+        runner.close()
+
+
+@pytest.fixture
+def make_app():
+    """make_app(**config) -> a reward app built through the factory; closed after the test."""
+    from pi0_reward_server.app import create_app
+
+    made: list = []
+
+    def make(**overrides):
+        overrides.setdefault("log_level", "WARNING")
+        app = create_app(overrides)
+        made.append(app)
+        return app
+
+    yield make
+    for app in made:
+        close_app(app)
+
+
+@pytest.fixture
+def pools():
+    """pools(urls, wait=False, **options) -> a started ClientPool with fast health checks; closed after."""
+    from pi0_reward_server.client_pool import ClientPool
+
+    made: list = []
+
+    def make(urls, *, wait: bool = False, **options):
+        options.setdefault("backoff_initial_s", 0.05)
+        options.setdefault("backoff_max_s", 0.2)
+        options.setdefault("health_interval_s", 0.2)
+        pool = ClientPool(urls, **options).start()
+        made.append(pool)
+        if wait:
+            assert pool.wait_for_servers(len(urls), 10)
+        return pool
+
+    yield make
+    for pool in made:
+        pool.close()
+
+
 @pytest.fixture
 def openpi_servers():
     """openpi_servers(**options) -> a running serial openpi-style server (tests/openpi_style_server.py)."""

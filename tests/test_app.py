@@ -15,7 +15,6 @@ import pytest
 
 from conftest import ROOT
 from gpu_worker.model import load_model
-from pi0_reward_server.app import create_app
 from pi0_reward_server.kinds.registry import run_tasks
 from pi0_reward_server.policies import LocalPolicy
 from pi0_reward_server.kinds.registry import Limits, parse_task
@@ -29,21 +28,6 @@ KWARGS = {"max_workers": 2, "episodes": 4}
 @pytest.fixture
 def two_servers(start_server):
     return start_server(log_level="WARNING"), start_server(log_level="WARNING")
-
-
-@pytest.fixture
-def make_app():
-    apps = []
-
-    def make(**overrides):
-        overrides.setdefault("log_level", "WARNING")
-        app = create_app(overrides)
-        apps.append(app)
-        return app
-
-    yield make
-    for app in apps:
-        app.extensions["client_pool"].close()
 
 
 def in_process_scores(tasks: list, kwargs: dict) -> list[float]:

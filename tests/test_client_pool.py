@@ -10,7 +10,7 @@ import pytest
 
 from conftest import affine
 from gpu_worker.client import ServerError
-from pi0_reward_server.client_pool import ClientPool, InferenceFailed, PoolTimeout
+from pi0_reward_server.client_pool import InferenceFailed, PoolTimeout
 
 
 def obs(x: float) -> dict:
@@ -21,23 +21,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-@pytest.fixture
-def pools():
-    made: list[ClientPool] = []
-
-    def make(urls, **options) -> ClientPool:
-        options.setdefault("backoff_initial_s", 0.05)
-        options.setdefault("backoff_max_s", 0.2)
-        options.setdefault("health_interval_s", 0.2)
-        pool = ClientPool(urls, **options).start()
-        made.append(pool)
-        return pool
-
-    yield make
-    for pool in made:
-        pool.close()
 
 
 def test_concurrent_borrowers_never_share_a_connection(start_server, pools):

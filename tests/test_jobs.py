@@ -13,28 +13,11 @@ import pytest
 
 from conftest import affine
 from gpu_worker.config import ModelConfig
-from pi0_reward_server.app import create_app
 from test_gunicorn_edges import Gunicorn
 
 CARTPOLE = ModelConfig.parse("cartpole=gpu_worker.models.cartpole:CartPolePolicy")
 # MountainCar with a constant push never reaches the flag: 200 steps an episode, whatever the policy does.
 LONG_TASK = {"task": "gym:MountainCar-v0", "return_range": [-200, 0], "episodes": 2, "max_steps": 200}
-
-
-@pytest.fixture
-def apps():
-    made = []
-
-    def make(**overrides):
-        overrides.setdefault("log_level", "WARNING")
-        app = create_app(overrides)
-        made.append(app)
-        return app
-
-    yield make
-    for app in made:
-        app.extensions["job_runner"].close()
-        app.extensions["client_pool"].close()
 
 
 def wait_for(predicate, timeout: float = 30, every: float = 0.05):
@@ -61,9 +44,9 @@ def events(response) -> list[tuple[str, dict]]:
     return out
 
 
-def test_a_job_reports_monotonic_progress_and_a_complete_event_stream(start_server, apps):
+def test_a_job_reports_monotonic_progress_and_a_complete_event_stream(start_server, make_app):
     server = start_server(models=(affine(delay_s=0.002),), log_level="WARNING")
-    app = apps(model_servers=(server.url,))
+    app = make_app(model_servers=(server.url,))
     client = app.test_client()
     body = {"responses": [LONG_TASK] * 3, "reward_function_kwargs": {"max_workers": 1}}
     submitted = client.post("/jobs", json=body)
@@ -84,10 +67,10 @@ def test_a_job_reports_monotonic_progress_and_a_complete_event_stream(start_serv
     assert listing["total"] == 1 and listing["jobs"][0]["id"] == job_id and listing["jobs"][0]["done"] == 3
 
 
-def test_cancel_stops_the_work_and_no_more_inference_is_sent(start_server, apps):
+def test_cancel_stops_the_work_and_no_more_inference_is_sent(start_server, make_app):
     server = start_server(models=(affine(delay_s=0.005),), log_level="WARNING")
     calls = server.server.models["affine"].policy.calls
-    app = apps(model_servers=(server.url,))
+    app = make_app(model_servers=(server.url,))
     client = app.test_client()
     job_id = client.post("/jobs", json={"responses": [LONG_TASK] * 8,
                                         "reward_function_kwargs": {"max_workers": 2}}).get_json()["id"]
@@ -103,9 +86,9 @@ def test_cancel_stops_the_work_and_no_more_inference_is_sent(start_server, apps)
     assert client.delete(f"/jobs/{job_id}").get_json()["state"] == "cancelled"  # idempotent
 
 
-def test_idempotent_resubmission_returns_the_same_job(start_server, apps):
+def test_idempotent_resubmission_returns_the_same_job(start_server, make_app):
     server = start_server(models=(CARTPOLE,), log_level="WARNING")
-    client = apps(model_servers=(server.url,)).test_client()
+    client = make_app(model_servers=(server.url,)).test_client()
     body = {"responses": ["cartpole_short"], "reward_function_kwargs": {"episodes": 1}}
     first = client.post("/jobs", json=body, headers={"Idempotency-Key": "trainer-step-17"})
     again = client.post("/jobs", json=body, headers={"Idempotency-Key": "trainer-step-17"})
@@ -116,13 +99,13 @@ def test_idempotent_resubmission_returns_the_same_job(start_server, apps):
     assert client.get("/jobs").get_json()["total"] == 2
 
 
-def test_cached_results_hit_and_a_changed_model_version_misses(start_server, apps, tmp_path):
+def test_cached_results_hit_and_a_changed_model_version_misses(start_server, make_app, tmp_path):
     import torch
 
     server = start_server(models=(CARTPOLE,), log_level="WARNING")
     body = {"responses": [{"task": "cartpole_short", "seed": 3}, {"task": "cartpole_short", "seed": 4}],
             "reward_function_kwargs": {"episodes": 2}}
-    client = apps(model_servers=(server.url,)).test_client()
+    client = make_app(model_servers=(server.url,)).test_client()
     first = client.post("/score", json=body).get_json()
     requests_after_first = client.get("/pool_status").get_json()["totals"]["requests"]
     second = client.post("/score", json=body).get_json()
@@ -141,17 +124,17 @@ def test_cached_results_hit_and_a_changed_model_version_misses(start_server, app
     torch.save(state, changed)
     retrained = start_server(models=(ModelConfig(name="cartpole", target=CARTPOLE.target, checkpoint=str(changed)),),
                              log_level="WARNING")
-    after = apps(model_servers=(retrained.url,)).test_client().post("/score", json=body).get_json()
+    after = make_app(model_servers=(retrained.url,)).test_client().post("/score", json=body).get_json()
     assert [d["cached"] for d in after["details"]] == [False, False]
     assert after["details"][0]["servers"] == [retrained.url]
 
 
-def test_an_openpi_server_reports_no_version_so_nothing_is_cached(apps):
+def test_an_openpi_server_reports_no_version_so_nothing_is_cached(make_app):
     from openpi_style_server import OpenpiStyleServer
 
     server = OpenpiStyleServer(model=CARTPOLE.target).start()
     try:
-        client = apps(model_servers=(server.url,)).test_client()
+        client = make_app(model_servers=(server.url,)).test_client()
         body = {"responses": ["cartpole_short"], "reward_function_kwargs": {"episodes": 1}}
         client.post("/score", json=body)
         again = client.post("/score", json=body).get_json()
@@ -160,10 +143,10 @@ def test_an_openpi_server_reports_no_version_so_nothing_is_cached(apps):
         server.stop()
 
 
-def test_responses_are_used_as_the_prompt_of_the_named_task(start_server, apps):
+def test_responses_are_used_as_the_prompt_of_the_named_task(start_server, make_app):
     server = start_server(models=(ModelConfig(name="prompt", target="gpu_worker.models.testing:PromptModel"),),
                           log_level="WARNING")
-    client = apps(model_servers=(server.url,)).test_client()
+    client = make_app(model_servers=(server.url,)).test_client()
     texts = ["push the cart to the left", "keep the pole upright"]
     response = client.post("/score", json={"responses": texts, "reward_function_kwargs": {
         "task": "gym:MountainCar-v0", "return_range": [-200, 0], "max_steps": 5, "response_as": "prompt",
@@ -183,9 +166,9 @@ def test_responses_are_used_as_the_prompt_of_the_named_task(start_server, apps):
     assert empty.status_code == 400 and "must be a prompt of 1 to 4096 characters" in empty.get_json()["error"]
 
 
-def test_bad_ids_bodies_and_credentials_on_every_job_route(start_server, apps):
+def test_bad_ids_bodies_and_credentials_on_every_job_route(start_server, make_app):
     server = start_server(models=(CARTPOLE,), log_level="WARNING")
-    client = apps(model_servers=(server.url,), token="open-sesame").test_client()
+    client = make_app(model_servers=(server.url,), token="open-sesame").test_client()
     auth = {"Authorization": "Bearer open-sesame"}
     for method, path in [("POST", "/jobs"), ("GET", "/jobs"), ("GET", "/jobs/abc"), ("DELETE", "/jobs/abc"),
                          ("GET", "/jobs/abc/events")]:
@@ -206,7 +189,7 @@ def test_bad_ids_bodies_and_credentials_on_every_job_route(start_server, apps):
 
 
 @pytest.mark.parametrize("damage", ["data_dir is a file", "not a database"])
-def test_an_unusable_store_gives_a_clear_503_and_the_app_keeps_serving(start_server, apps, tmp_path, damage):
+def test_an_unusable_store_gives_a_clear_503_and_the_app_keeps_serving(start_server, make_app, tmp_path, damage):
     server = start_server(models=(CARTPOLE,), log_level="WARNING")
     if damage == "data_dir is a file":
         data_dir = tmp_path / "plain-file"
@@ -217,7 +200,7 @@ def test_an_unusable_store_gives_a_clear_503_and_the_app_keeps_serving(start_ser
         data_dir.mkdir()
         (data_dir / "jobs.sqlite3").write_bytes(os.urandom(4096))
         expected = "job store"
-    app = apps(model_servers=(server.url,), data_dir=str(data_dir))
+    app = make_app(model_servers=(server.url,), data_dir=str(data_dir))
     client = app.test_client()
     for method, path in [("POST", "/score"), ("POST", "/jobs"), ("GET", "/jobs")]:
         response = client.open(path, method=method, json={"responses": ["cartpole_short"]})
@@ -311,9 +294,9 @@ def test_example_client_follows_a_job_through_its_event_stream(start_server, tmp
         app.stop()
 
 
-def test_score_never_waits_behind_jobs_and_a_queued_cancel_frees_everything_at_once(start_server, apps):
+def test_score_never_waits_behind_jobs_and_a_queued_cancel_frees_everything_at_once(start_server, make_app):
     server = start_server(models=(affine(delay_s=0.005),), log_level="WARNING")
-    app = apps(model_servers=(server.url,), max_concurrent_jobs=1)
+    app = make_app(model_servers=(server.url,), max_concurrent_jobs=1)
     client = app.test_client()
     admission = app.extensions["admission"]
     running = client.post("/jobs", json={"responses": [LONG_TASK] * 6, "reward_function_kwargs": {"max_workers": 1}})
@@ -329,20 +312,20 @@ def test_score_never_waits_behind_jobs_and_a_queued_cancel_frees_everything_at_o
     client.delete(f"/jobs/{running.get_json()['id']}")
 
 
-def test_an_idempotency_key_reused_with_another_body_is_refused(start_server, apps):
+def test_an_idempotency_key_reused_with_another_body_is_refused(start_server, make_app):
     server = start_server(models=(CARTPOLE,), log_level="WARNING")
-    client = apps(model_servers=(server.url,)).test_client()
+    client = make_app(model_servers=(server.url,)).test_client()
     first = client.post("/jobs", json={"responses": ["cartpole_short"]}, headers={"Idempotency-Key": "step-9"})
     other = client.post("/jobs", json={"responses": ["cartpole"]}, headers={"Idempotency-Key": "step-9"})
     assert other.status_code == 422 and other.get_json()["job_id"] == first.get_json()["id"]
     assert "different body" in other.get_json()["error"]
 
 
-def test_score_of_a_job_cancelled_meanwhile_is_409_not_rewards(start_server, apps):
+def test_score_of_a_job_cancelled_meanwhile_is_409_not_rewards(start_server, make_app):
     import threading
 
     server = start_server(models=(affine(delay_s=0.005),), log_level="WARNING")
-    app = apps(model_servers=(server.url,))
+    app = make_app(model_servers=(server.url,))
     client = app.test_client()
     answer: dict = {}
     thread = threading.Thread(target=lambda: answer.update(r=client.post(

@@ -121,22 +121,16 @@ def test_a_fixed_seed_reproduces_and_another_seed_differs(checkpoint):
     np.testing.assert_allclose(bf16.infer_batch(batch)["actions"], first, atol=0.1)
 
 
-def test_a_libero_task_is_scored_end_to_end_with_the_served_policy(start_server, checkpoint):
+def test_a_libero_task_is_scored_end_to_end_with_the_served_policy(start_server, make_app, checkpoint):
     from pi0_reward_server.kinds import libero as libero_backend
-    from pi0_reward_server.app import create_app
 
     if not libero_backend.available():
         pytest.skip("the libero extra is not installed (scripts/install_libero.sh)")
     server = start_server(models=(smolvla(checkpoint),), log_level="WARNING")
-    app = create_app({"model_servers": (server.url,), "log_level": "WARNING", "libero_processes": 1})
-    try:
-        response = app.test_client().post("/score", json={"responses": [
-            {"kind": "libero", "suite": "libero_spatial", "task_id": 0, "episodes": 1, "max_steps": 6,
-             "model": "smolvla"}]})
-    finally:
-        app.extensions["client_pool"].close()
-        for runner in app.extensions["libero_runners"]:
-            runner.close()
+    app = make_app(model_servers=(server.url,), libero_processes=1)
+    response = app.test_client().post("/score", json={"responses": [
+        {"kind": "libero", "suite": "libero_spatial", "task_id": 0, "episodes": 1, "max_steps": 6,
+         "model": "smolvla"}]})
     body = response.get_json()
     assert response.status_code == 200 and body["failures"] == 0, body
     detail = body["details"][0]

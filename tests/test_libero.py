@@ -164,6 +164,7 @@ def test_a_dead_worker_process_is_replaced(start_server):
 def test_score_libero_against_an_openpi_server_equals_gpu_worker(start_server, monkeypatch):
     """openpi's server takes one observation map per frame; CUDA_VISIBLE_DEVICES='' hides GPUs (the
     worker processes inherit it and must still render)."""
+    from conftest import close_app
     from openpi_style_server import OpenpiStyleServer
 
     from pi0_reward_server.app import create_app
@@ -180,9 +181,7 @@ def test_score_libero_against_an_openpi_server_equals_gpu_worker(start_server, m
             try:
                 response = app.test_client().post("/score", json=body)
             finally:
-                app.extensions["client_pool"].close()
-                for runner in app.extensions["libero_runners"]:
-                    runner.close()
+                close_app(app)  # its worker process goes now, not at the end of the test
             payload = response.get_json()
             assert response.status_code == 200 and payload["failures"] == 0, payload
             details.append({k: v for k, v in payload["details"][0].items() if k not in ("servers", "seconds")})

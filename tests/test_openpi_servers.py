@@ -19,7 +19,6 @@ import pytest
 from conftest import affine
 from gpu_worker.config import ModelConfig
 from pi0_reward_server.app import create_app
-from pi0_reward_server.client_pool import ClientPool
 
 CARTPOLE = "gpu_worker.models.cartpole:CartPolePolicy"
 CONNECT4 = "gpu_worker.models.selfplay_net:Connect4Net"
@@ -30,24 +29,9 @@ def obs(x: float) -> dict:
     return {"observation/state": np.array([x, x + 1], dtype=np.float32)}
 
 
-@pytest.fixture
-def pools():
-    made: list[ClientPool] = []
-
-    def make(urls, **options) -> ClientPool:
-        pool = ClientPool(urls, **options).start()
-        assert pool.wait_for_servers(len(urls), 10)
-        made.append(pool)
-        return pool
-
-    yield make
-    for pool in made:
-        pool.close()
-
-
 def test_a_batch_reaches_an_openpi_server_as_one_map_per_frame(openpi_servers, pools):
     server = openpi_servers()
-    pool = pools([server.url])
+    pool = pools([server.url], wait=True)
     replies, url = pool.infer_batch([obs(i) for i in range(5)], model="anything")
     assert url == server.url
     for i, reply in enumerate(replies):
@@ -63,7 +47,7 @@ def test_a_split_batch_asks_several_openpi_servers_at_once(openpi_servers, pools
     # a pool that sent the maps one after another would break the barrier and fail the step.
     barrier = threading.Barrier(2)
     a, b = openpi_servers(barrier=barrier), openpi_servers(barrier=barrier)
-    pool = pools([a.url, b.url], connections_per_server=1)
+    pool = pools([a.url, b.url], wait=True, connections_per_server=1)
     replies, _ = pool.infer_batch([obs(1), obs(2)])
     np.testing.assert_allclose([r["actions"] for r in replies], [[3, 5], [5, 7]])
     assert (a.requests, b.requests) == (1, 1)
@@ -71,7 +55,7 @@ def test_a_split_batch_asks_several_openpi_servers_at_once(openpi_servers, pools
 
 def test_a_failing_map_fails_the_step_and_the_pool_recovers(openpi_servers, pools):
     server = openpi_servers()
-    pool = pools([server.url])
+    pool = pools([server.url], wait=True)
     with pytest.raises(Exception, match="KeyError"):
         pool.infer_batch([obs(1), {"wrong": 1}, obs(3)])
     replies, _ = pool.infer_batch([obs(4), obs(5)])  # closed connections were not reused
@@ -81,7 +65,7 @@ def test_a_failing_map_fails_the_step_and_the_pool_recovers(openpi_servers, pool
 def test_mixed_pool_gives_gpu_worker_batches_and_openpi_maps(start_server, openpi_servers, pools):
     gpu = start_server(models=(affine(),), log_level="WARNING")
     openpi = openpi_servers()
-    pool = pools([gpu.url, openpi.url], connections_per_server=1)
+    pool = pools([gpu.url, openpi.url], wait=True, connections_per_server=1)
     assert {s["server"]: s["explicit_batch"] for s in pool.status()["servers"]} == {
         "gpu_worker": True, "openpi-compatible": False}
     calls = gpu.server.models["affine"].policy.calls

@@ -10,7 +10,6 @@ import pytest
 
 from conftest import affine
 from gpu_worker.config import ModelConfig
-from pi0_reward_server.app import create_app
 
 CARTPOLE = ModelConfig.parse("cartpole=gpu_worker.models.cartpole:CartPolePolicy")
 PROMPT = ModelConfig(name="prompt", target="gpu_worker.models.testing:PromptModel")
@@ -18,19 +17,12 @@ ROUTE = "/openrlhf/get_reward"
 
 
 @pytest.fixture
-def app_for(start_server):
-    made = []
-
+def app_for(start_server, make_app):
     def make(*models, **overrides):
         server = start_server(models=models, log_level="WARNING")
-        app = create_app({"model_servers": (server.url,), "log_level": "WARNING", **overrides})
-        made.append(app)
-        return app
+        return make_app(model_servers=(server.url,), **overrides)
 
-    yield make
-    for app in made:
-        app.extensions["job_runner"].close()
-        app.extensions["client_pool"].close()
+    return make
 
 
 def test_per_sample_batched_and_empty_bodies(app_for):
