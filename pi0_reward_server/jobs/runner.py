@@ -29,18 +29,10 @@ from typing import Callable
 
 from pi0_reward_server.jobs.store_sqlite import TERMINAL
 from pi0_reward_server.jobs.tracking import TaskTracker
-from pi0_reward_server.kinds.registry import units_of
+from pi0_reward_server.kinds.registry import models_of, units_of
 
 logger = logging.getLogger(__name__)
 HEARTBEAT_S = 2.0
-
-
-def models_of(task) -> list[str | None]:
-    models = [task.model]
-    opponent = getattr(task, "opponent", None)
-    if opponent is not None and opponent not in ("random", "mcts"):
-        models.append(opponent)
-    return models
 
 
 CACHE_VERSION = 1  # bump when a change to the kinds alters outcomes for the same spec (settle steps, encodings)

@@ -3,7 +3,8 @@
 A kind is a module with ``NAME``, ``FIELDS`` (what a response of that kind may set), ``parse(where, fields,
 defaults, limits) -> task``, ``run(task, policy_for, tracker=None, **options) -> TaskResult``,
 ``work(task, limits) -> (env steps, MCTS simulations)`` (an upper bound, for the per-request limits) and
-``units(task)`` (what progress counts: episodes or games). :mod:`pi0_reward_server.kinds.registry` finds
+``units(task)`` (what progress counts: episodes or games) and ``models(task)`` (the hosted models whose
+versions fix its outcome, for the result cache). :mod:`pi0_reward_server.kinds.registry` finds
 them; a new kind is one new module and one line there.
 
 A task is a frozen dataclass with ``name``, ``model``, ``backend`` (its kind's name) and ``describe()``.

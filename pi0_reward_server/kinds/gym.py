@@ -189,3 +189,8 @@ def work(task: RolloutTask, limits: Limits) -> tuple[int, int]:
 
 def units(task: RolloutTask) -> int:
     return task.episodes
+
+
+def models(task) -> list[str | None]:
+    """The hosted models whose versions fix the outcome (None: the servers' default)."""
+    return [task.model]

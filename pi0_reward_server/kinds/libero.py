@@ -354,3 +354,8 @@ def work(task: LiberoTask, limits: Limits) -> tuple[int, int]:
 
 def units(task: LiberoTask) -> int:
     return task.episodes
+
+
+def models(task) -> list[str | None]:
+    """The hosted models whose versions fix the outcome (None: the servers' default)."""
+    return [task.model]

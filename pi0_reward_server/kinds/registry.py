@@ -97,6 +97,11 @@ def task_work(task, limits: Limits) -> tuple[int, int]:
     return BACKENDS[task.backend].work(task, limits)
 
 
+def models_of(task) -> list[str | None]:
+    """The hosted models whose versions, with the spec, fix the task's outcome (the result cache's key)."""
+    return BACKENDS[task.backend].models(task)
+
+
 def units_of(task) -> int:
     """What a task's progress counts: episodes (rollouts, LIBERO) or games (self-play)."""
     return BACKENDS[task.backend].units(task)

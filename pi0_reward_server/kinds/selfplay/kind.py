@@ -143,3 +143,8 @@ def work(task: SelfPlayTask, limits: Limits) -> tuple[int, int]:
 
 def units(task: SelfPlayTask) -> int:
     return task.games
+
+
+def models(task: SelfPlayTask) -> list[str | None]:
+    """The hosted networks whose versions fix the outcome: ours, and the opponent's when it is one."""
+    return [task.model] + ([task.opponent] if task.opponent not in ("random", "mcts") else [])
