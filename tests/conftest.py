@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import collections
 import os
 import pathlib
 import re
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -143,6 +145,48 @@ def make_app():
     yield make
     for app in made:
         close_app(app)
+
+
+class ServedApp:
+    """A reward app served over real HTTP by werkzeug's threaded server, counting requests by route."""
+
+    def __init__(self, app) -> None:
+        from werkzeug.serving import make_server
+
+        self.app = app
+        self.counts: collections.Counter = collections.Counter()  # "POST /jobs" -> how many arrived
+        inner = app.wsgi_app
+
+        def counting(environ, start_response):
+            path = environ.get("PATH_INFO", "")
+            route = "/jobs/<id>" if path.startswith("/jobs/") else path
+            self.counts[f"{environ.get('REQUEST_METHOD')} {route}"] += 1
+            return inner(environ, start_response)
+
+        app.wsgi_app = counting
+        self.server = make_server("127.0.0.1", 0, app, threaded=True)
+        self.url = f"http://127.0.0.1:{self.server.server_port}"
+        self.thread = threading.Thread(target=self.server.serve_forever, name="served-app", daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def serve_app(make_app):
+    """serve_app(**config) -> a :class:`ServedApp` (built by make_app) on a free port; stopped after."""
+    served: list[ServedApp] = []
+
+    def serve(**overrides) -> ServedApp:
+        handle = ServedApp(make_app(**overrides))
+        served.append(handle)
+        return handle
+
+    yield serve
+    for handle in served:
+        handle.stop()
 
 
 @pytest.fixture

@@ -22,10 +22,11 @@ from where the last one stopped. Longer evaluations: submit jobs (``POST /jobs``
 
 from __future__ import annotations
 
-import json
 from typing import Any, Callable
 
 from flask import Blueprint, jsonify, request
+
+from pi0_reward_server.integrations.tasks import SampleError, strip_prompt, task_spec
 
 MAX_TEXT = 1_000_000  # characters in one query or prompt
 
@@ -58,18 +59,10 @@ def sample_spec(i: int, query: Any, prompt: Any, label: Any, default_task: str |
                    "or a JSON spec in the label column")
     if not isinstance(source, str):
         raise _Bad(f"{where}: must be a string (a task reference or a JSON object)")
-    if not source.lstrip().startswith("{"):
-        return source
     try:
-        spec = json.loads(source)
-    except ValueError as exc:
-        raise _Bad(f"{where}: not a JSON object: {exc}") from None
-    if not isinstance(spec, dict):
-        raise _Bad(f"{where}: must be a JSON object")
-    if spec.pop("response_as", None) == "prompt":
-        response = query[len(prompt):] if prompt and query.startswith(prompt) else query
-        spec["prompt"] = response.strip()
-    return spec
+        return task_spec(source, where, strip_prompt(query, prompt))
+    except SampleError as exc:
+        raise _Bad(str(exc)) from None
 
 
 def blueprint(authorized: Callable[[], bool], unauthorized: Callable, score_and_wait: Callable, settings) -> Blueprint:
