@@ -357,3 +357,80 @@ def test_against_an_openpi_style_model_server(openpi_servers, serve_app):
     scores, _ = asyncio.run(verl_reward_loop(compute_score, samples))
     assert scores == [pytest.approx((i + 1) / 1000) for i in range(8)] and app.counts["POST /jobs"] == 1
     assert server.frames_refused == 0 and server.requests > 0
+
+
+@pytest.mark.slow
+def test_trl_grpo_trainer_trains_on_the_service_rewards(served, tmp_path):
+    """TRL's own GRPOTrainer (the real package) on a tiny model built offline, rewarded by the service."""
+    from gpu_worker.models.lerobot import _make_torchvision_importable
+
+    _make_torchvision_importable()  # this CPU torch beside PyPI's CUDA torchvision (transformers imports it)
+    trl = pytest.importorskip("trl")
+    import torch
+    from datasets import Dataset
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from pi0_reward_server.integrations.trl import make_reward_func
+
+    app = served()
+    words = "push pull the red blue block left right up down wait stop go".split()
+    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(words)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>",
+                                        unk_token="<unk>")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(vocab), hidden_size=16, intermediate_size=32,
+                                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+                                         max_position_embeddings=64, pad_token_id=0, eos_token_id=1))
+    # Two prompts per step, four completions each: one prompt's task scores 1.0, the other's is refused.
+    dataset = Dataset.from_dict({"prompt": ["push the block", "pull the block"], "task": ["cartpole_short", "chess"]})
+    args = trl.GRPOConfig(output_dir=str(tmp_path / "grpo"), per_device_train_batch_size=8, num_generations=4,
+                          max_completion_length=6, max_steps=2, report_to="none", use_cpu=True, logging_steps=1,
+                          save_strategy="no", bf16=False)
+    trainer = trl.GRPOTrainer(model=model, processing_class=tokenizer, args=args, train_dataset=dataset,
+                              reward_funcs=[make_reward_func(url=app.url)])
+    trainer.train()
+    steps = [log for log in trainer.state.log_history if "rewards/pi0_reward/mean" in log]
+    assert len(steps) == 2
+    for log in steps:
+        assert log["rewards/pi0_reward/mean"] == 1.0  # the refused samples are None (NaN), left out of the mean
+        assert log["pi0_reward/failed"] == 4.0 and math.isfinite(log["loss"])
+    # A step's 8 completions come in one call: per step one job, after one refusal that fails the 4 copies of
+    # the refused task at once.
+    assert app.counts["POST /jobs"] == 4, app.counts
+
+
+def test_the_documented_configurations_name_what_exists(make_app):
+    """README_PARALLEL's "Use it from your trainer": every path, function, setting and variable it names."""
+    import dataclasses
+    import importlib
+    import re
+
+    from pi0_reward_server.integrations.remote import Options
+
+    text = (ROOT / "README_PARALLEL.md").read_text()
+    section = text[text.index("### Use it from your trainer"):text.index("`GET /pool_status`: per model server")]
+    for pkg in re.findall(r"path=pkg://([\w/]+)", section):  # verl's pkg:// form: slashes become dots
+        verl = importlib.import_module(pkg.replace("/", "."))
+        for name in re.findall(r"custom_reward_function\.name=(\w+)", section):
+            assert callable(getattr(verl, name)), name
+    assert {"compute_score", "compute_score_batch"} <= set(re.findall(r"custom_reward_function\.name=(\w+)", section))
+    fields = {f.name: f.default for f in dataclasses.fields(Options)}
+    for name in re.findall(r"reward_kwargs\.(\w+)=", section):
+        assert name in fields, name
+    for module in re.findall(r"import (pi0_reward_server\.integrations\.\w+) as m", section):
+        assert pathlib.Path(importlib.import_module(module).__file__).is_file()
+    for dotted in re.findall(r"--reward_funcs ([\w.]+)", section) + \
+            re.findall(r"from (pi0_reward_server[\w.]*) import (\w+)", section):
+        module, name = dotted if isinstance(dotted, tuple) else dotted.rsplit(".", 1)
+        assert callable(getattr(importlib.import_module(module), name)), dotted
+    rows = re.findall(r"^\| `(\w+)` \| `(PI0_REWARD_\w+)`[^|]*\| ([^|]+) \|", section, re.M)
+    assert {name for name, _, _ in rows} == set(fields), "the settings table lists every setting"
+    for name, env, default in rows:
+        assert Options.ENV[name] == env, name
+        documented = default.strip().split(" ")[0].strip("`")
+        assert documented in (str(fields[name]).removesuffix(".0"), "none" if fields[name] is None else "-"), name
+    for route in re.findall(r"http://<app-host>:6006(/[\w/]+)", section):
+        assert route in {rule.rule for rule in make_app().url_map.iter_rules()}, route

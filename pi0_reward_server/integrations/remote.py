@@ -334,11 +334,14 @@ class RewardService:
             job_id = self.submit(body, deadline)
         except RequestRejected as exc:
             match = re.fullmatch(r"responses\[(\d+)\]", exc.field or "")
-            if match and int(match.group(1)) < len(specs):  # one sample is bad: it fails alone
+            if match and int(match.group(1)) < len(specs):  # a bad sample (and its copies) fail alone
                 k = int(match.group(1))
-                message = str(exc).replace(f"responses[{k}]", "task", 1)
-                rest = self._score_once(specs[:k] + specs[k + 1:], kwargs, deadline)
-                return rest[:k] + [Outcome.failed(f"the service refused this sample: {message}")] + rest[k:]
+                refused = Outcome.failed(f"the service refused this sample: "
+                                         f"{str(exc).replace(f'responses[{k}]', 'task', 1)}")
+                keep = [i for i, spec in enumerate(specs) if spec != specs[k]]
+                rest = iter(self._score_once([specs[i] for i in keep], kwargs, deadline))
+                kept = set(keep)
+                return [next(rest) if i in kept else refused for i in range(len(specs))]
             if exc.status == 400 and exc.field == "responses" and len(specs) > 1:  # too much for one request
                 half = len(specs) // 2
                 return self._score_once(specs[:half], kwargs, deadline) + \
