@@ -301,13 +301,14 @@ def test_trl_failures_are_none_and_counted_or_raised(served, monkeypatch):
         asyncio.run(raising(["p"], ["a"], task=["chess"]))
 
 
-def test_a_request_too_big_for_the_service_is_split(served):
+@pytest.mark.parametrize("limit", [{"max_responses": 8}, {"max_body_bytes": 1024}])
+def test_a_request_too_big_for_the_service_is_split(served, limit):
     from pi0_reward_server.integrations.trl import make_reward_func
 
-    app = served(max_responses=8)
+    app = served(**limit)
     reward = make_reward_func(url=app.url, task=json.dumps(steps_task(3)))
     assert asyncio.run(reward(["p"] * 20, ["c"] * 20)) == [0.003] * 20
-    assert app.counts["POST /jobs"] >= 4  # refused whole, then halves until each fits
+    assert app.counts["POST /jobs"] >= 3  # refused whole (400 or 413), then halves until each fits
 
 
 # -- across adapters: the service's answers the trainer must not mistake for scores --------------------------

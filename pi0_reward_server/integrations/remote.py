@@ -342,7 +342,8 @@ class RewardService:
                 rest = iter(self._score_once([specs[i] for i in keep], kwargs, deadline))
                 kept = set(keep)
                 return [next(rest) if i in kept else refused for i in range(len(specs))]
-            if exc.status == 400 and exc.field == "responses" and len(specs) > 1:  # too much for one request
+            too_big = exc.status == 413 or (exc.status == 400 and exc.field == "responses")
+            if too_big and len(specs) > 1:  # too much for one request: halves
                 half = len(specs) // 2
                 return self._score_once(specs[:half], kwargs, deadline) + \
                     self._score_once(specs[half:], kwargs, deadline)
