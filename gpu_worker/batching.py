@@ -49,6 +49,7 @@ class BatchTiming:
 class BatchResult:
     outputs: dict[str, np.ndarray]  # leading axis = this request's rows
     timing: BatchTiming
+    version: str = "init"  # the model version whose forward pass produced it
 
 
 @dataclasses.dataclass
@@ -108,6 +109,7 @@ class DynamicBatcher:
         max_batch_size: int = 64,
         max_wait_s: float = 0.001,
         max_queue: int = 1024,
+        version: str = "init",
     ) -> None:
         if not isinstance(max_batch_size, int) or max_batch_size < 1:
             raise ValueError(f"max_batch_size must be an integer >= 1, got {max_batch_size!r}")
@@ -116,6 +118,7 @@ class DynamicBatcher:
         if not isinstance(max_queue, int) or max_queue < 1:
             raise ValueError(f"max_queue must be an integer >= 1, got {max_queue!r}")
         self._infer_batch = infer_batch
+        self.version = version
         self.name = name
         self.max_batch_size = max_batch_size
         self.max_wait_s = float(max_wait_s)
@@ -153,6 +156,14 @@ class DynamicBatcher:
             self._queued_rows += request.rows
             self._cond.notify()
         return request.future
+
+    def swap(self, infer_batch: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]], version: str) -> str:
+        """Serve the next batches with ``infer_batch`` (a reloaded model); the batch running now finishes on
+        the old one. Returns the version replaced."""
+        with self._cond:
+            previous, self._infer_batch, self.version = self.version, infer_batch, version
+        logger.info("model %r: version %s replaces %s from the next batch on", self.name, version, previous)
+        return previous
 
     @property
     def queued_rows(self) -> int:
@@ -203,8 +214,9 @@ class DynamicBatcher:
                 batch = self._take_batch()
                 self._busy = True
                 self._current = batch
+                infer, version = self._infer_batch, self.version  # a swap now waits for the next batch
             try:
-                self._execute(batch)
+                self._execute(batch, infer, version)
             finally:
                 with self._cond:
                     self._busy = False
@@ -226,21 +238,21 @@ class DynamicBatcher:
         self._queued_rows -= rows
         return batch
 
-    def _forward(self, inputs: dict[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
+    def _forward(self, infer: Callable, inputs: dict[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
         if rows <= self.max_batch_size:
-            return _check_outputs(self._infer_batch(inputs), rows)
+            return _check_outputs(infer(inputs), rows)
         # One explicit batch larger than the limit: run it in max-size chunks.
         parts = []
         for start in range(0, rows, self.max_batch_size):
             chunk = {k: v[start : start + self.max_batch_size] for k, v in inputs.items()}
-            parts.append(_check_outputs(self._infer_batch(chunk), len(next(iter(chunk.values())))))
+            parts.append(_check_outputs(infer(chunk), len(next(iter(chunk.values())))))
         return {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
 
-    def _execute(self, batch: list[Request]) -> None:
+    def _execute(self, batch: list[Request], infer: Callable, version: str) -> None:
         started = time.monotonic()
         rows = sum(r.rows for r in batch)
         try:
-            outputs = self._forward(stack_inputs(batch), rows)
+            outputs = self._forward(infer, stack_inputs(batch), rows)
         except BaseException as exc:  # every request of the batch hears of it
             self.errors += 1
             logger.error("model %r failed on a batch of %d rows", self.name, rows, exc_info=True)
@@ -260,4 +272,4 @@ class DynamicBatcher:
             )
             part = {k: v[offset : offset + request.rows] for k, v in outputs.items()}
             offset += request.rows
-            _settle(request.future, result=BatchResult(part, timing))
+            _settle(request.future, result=BatchResult(part, timing, version))

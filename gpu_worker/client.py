@@ -7,6 +7,7 @@ app's pool hands each borrower its own).
 from __future__ import annotations
 
 import threading
+import urllib.parse
 from typing import Any
 
 from websockets.sync.client import connect
@@ -110,3 +111,18 @@ class ModelClient:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def admin_call(url: str, request: dict[str, Any], *, api_key: str | None = None, timeout: float = 600.0,
+               open_timeout: float = 10.0) -> dict[str, Any]:
+    """One admin call on a gpu_worker's ``/admin`` path: ``{"command": "reload", "model": name,
+    "checkpoint": path}`` or ``{"command": "status"}``. Returns the server's answer, ``{"ok": true, ...}`` or
+    ``{"ok": false, "error": reason}``; raises ServerError when the server has no admin endpoint (an openpi
+    server) and OSError/TimeoutError when it cannot be reached."""
+    parts = urllib.parse.urlsplit(url)
+    admin = urllib.parse.urlunsplit((parts.scheme, parts.netloc, "/admin", "", ""))
+    with ModelClient(admin, open_timeout=open_timeout, timeout=timeout, api_key=api_key) as client:
+        if not (isinstance(client.metadata, dict) and client.metadata.get("admin") is True):
+            raise ServerError(f"{url} has no admin endpoint (not a gpu_worker: an openpi server cannot reload; "
+                              "restart it with the new checkpoint)")
+        return client._roundtrip(request)

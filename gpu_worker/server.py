@@ -15,6 +15,7 @@ import asyncio
 import concurrent.futures
 import dataclasses
 import hmac
+import ipaddress
 import logging
 import signal
 import threading
@@ -31,10 +32,12 @@ from gpu_worker.batching import Request as BatchRequest
 from gpu_worker.config import ConfigError, ServerConfig, ws_url
 from gpu_worker.model import ModelLoadError, Policy, load_model
 from gpu_worker.protocol import ParsedFrame, ProtocolError, build_reply, parse_frame
+from gpu_worker import reload as reloading
 
 logger = logging.getLogger("gpu_worker")
 
 MODEL_PATH_PREFIX = "/models/"
+ADMIN_PATH = "/admin"
 RESERVED_OUTPUTS = frozenset({"server_timing", "model"})
 
 
@@ -46,6 +49,7 @@ class HostedModel:
     policy: Policy
     batcher: DynamicBatcher
     version: str
+    options: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -84,6 +88,8 @@ class ModelServer:
         self._idle = asyncio.Event()
         self._metadata: dict[str, bytes] = {}
         self._codec = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="codec")
+        self._reloading: set[str] = set()  # models with a reload under way
+        self.free_bytes = reloading.free_bytes  # memory a second copy may use on a device (a seam for tests)
 
     # -- lifecycle --------------------------------------------------------
     async def start(self) -> int:
@@ -139,19 +145,82 @@ class ModelServer:
             clash = sorted(set(policy.output_spec) & RESERVED_OUTPUTS)
             if clash:
                 raise ModelLoadError(f"model {spec.name!r} outputs {clash}, which replies reserve for the server")
+            version = str(getattr(policy, "version", "init"))
             batcher = DynamicBatcher(
                 policy.infer_batch,
                 name=spec.name,
                 max_batch_size=self.config.max_batch_size,
                 max_wait_s=self.config.max_wait_ms / 1000,
                 max_queue=self.config.max_queue,
+                version=version,
             )
             batcher.start()
-            version = str(getattr(policy, "version", "init"))
-            self.models[spec.name] = HostedModel(spec.name, spec.target, spec.checkpoint, policy, batcher, version)
+            self.models[spec.name] = HostedModel(spec.name, spec.target, spec.checkpoint, policy, batcher, version,
+                                                 dict(spec.options))
             logger.info("loaded model %r (%s) in %.2fs", spec.name, spec.target, time.monotonic() - started)
-        for name in self.models:
-            self._metadata[name] = wire.packb(self.metadata(name))
+        self._refresh_metadata()
+
+    def _refresh_metadata(self) -> None:
+        self._metadata = {name: wire.packb(self.metadata(name)) for name in self.models}
+
+    async def reload(self, name: str, checkpoint: str) -> dict[str, Any]:
+        """Load ``checkpoint`` for hosted model ``name`` beside the copy serving, warm it up, and swap it in
+        between two batches (the batch running finishes on the old weights). Raises
+        :class:`~gpu_worker.reload.ReloadError` with the reason when refused; the old copy keeps serving."""
+        if name not in self.models:
+            raise reloading.ReloadError(f"unknown model {name!r}; hosted: {sorted(self.models)}")
+        if not isinstance(checkpoint, str) or not checkpoint or len(checkpoint) > 4096:
+            raise reloading.ReloadError("checkpoint: must be a path on the model server (1-4096 characters)")
+        if name in self._reloading:
+            raise reloading.ReloadError(f"model {name!r} is already being reloaded; wait for that to finish")
+        if self.draining:
+            raise reloading.ReloadError("the server is shutting down")
+        self._reloading.add(name)
+        try:
+            hosted = self.models[name]
+            started = time.monotonic()
+            needed = max(reloading.model_bytes(hosted.policy), reloading.checkpoint_bytes(checkpoint))
+            reloading.check_memory(name, needed, await asyncio.to_thread(self.free_bytes, self.device), self.device)
+            try:
+                policy = await asyncio.to_thread(load_model, hosted.target, checkpoint, device=self.device,
+                                                 options=hosted.options)
+            except Exception as exc:  # noqa: BLE001 - a bad checkpoint is refused with its reason
+                raise reloading.load_error(name, checkpoint, exc) from exc
+            loaded = time.monotonic()
+            clash = sorted(set(policy.output_spec) & RESERVED_OUTPUTS)
+            if clash:
+                raise reloading.ReloadError(f"model {name!r} outputs {clash}, which replies reserve for the server")
+            reloading.same_interface(name, hosted.policy, policy)
+            await asyncio.to_thread(reloading.warm_up, name, policy)
+            warmed = time.monotonic()
+            version = str(getattr(policy, "version", "init"))
+            previous = hosted.batcher.swap(policy.infer_batch, version)
+            hosted.policy, hosted.version, hosted.checkpoint = policy, version, checkpoint
+            self._refresh_metadata()  # connections opened from now on are told the new version
+            swapped = time.monotonic()
+            if self.device and self.device.startswith("cuda"):
+                import torch  # the old copy's memory goes back once its last batch is done
+
+                torch.cuda.empty_cache()
+            logger.info("model %r reloaded from %s: version %s (was %s); load %.2fs, warm-up %.2fs", name,
+                        checkpoint, version, previous, loaded - started, warmed - loaded)
+            return {"ok": True, "model": name, "checkpoint": checkpoint, "version": version,
+                    "previous_version": previous, "load_s": round(loaded - started, 4),
+                    "warmup_s": round(warmed - loaded, 4), "swap_s": round(swapped - warmed, 6)}
+        finally:
+            self._reloading.discard(name)
+
+    def admin_allowed(self) -> bool:
+        """Admin calls need the API key; with none configured, only a server bound to loopback takes them."""
+        if self.config.api_key:
+            return True
+        host = self.config.host.strip("[]")
+        if host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            return False
 
     def metadata(self, model: str) -> dict[str, Any]:
         """The first frame of a connection whose model is ``model``."""
@@ -222,6 +291,9 @@ class ModelServer:
             return connection.respond(503, "server is shutting down\n")
         if self._server is not None and len(self._server.connections) >= self.config.max_connections:
             return connection.respond(503, f"too many connections (max_connections={self.config.max_connections})\n")
+        if path == ADMIN_PATH and not self.admin_allowed():
+            return connection.respond(403, "admin calls need an api_key on a server not bound to loopback "
+                                           "(start it with --api-key, or bind it to 127.0.0.1)\n")
         if path.startswith(MODEL_PATH_PREFIX) and path[len(MODEL_PATH_PREFIX) :] not in self.models:
             return connection.respond(404, f"unknown model in path {path!r}; hosted: {sorted(self.models)}\n")
         return None
@@ -229,6 +301,8 @@ class ModelServer:
     # -- WebSocket --------------------------------------------------------
     async def _handle(self, ws: ServerConnection) -> None:
         path = ws.request.path.split("?", 1)[0] if ws.request else "/"
+        if path == ADMIN_PATH:
+            return await self._handle_admin(ws)
         model = path[len(MODEL_PATH_PREFIX) :] if path.startswith(MODEL_PATH_PREFIX) else self.config.default_model
         peer = ws.remote_address
         logger.debug("connection from %s (model %s)", peer, model)
@@ -252,6 +326,36 @@ class ModelServer:
         except Exception:
             logger.error("connection %s failed", peer, exc_info=True)
             await ws.close(1011, "internal server error")
+
+    async def _handle_admin(self, ws: ServerConnection) -> None:
+        """Admin calls: after a hello frame, one msgpack map in, one out: ``{"command": "reload", "model": name,
+        "checkpoint": path}`` or ``{"command": "status"}``; answers ``{"ok": true, ...}`` or ``{"ok": false,
+        "error": reason}``, and the connection stays open."""
+        try:
+            await ws.send(wire.packb({"admin": True, **self._admin_status()}))
+            while True:
+                frame = await ws.recv()
+                try:
+                    request = wire.unpackb(frame) if isinstance(frame, bytes) else None
+                    if not isinstance(request, dict):
+                        raise reloading.ReloadError("an admin frame is one msgpack map: {'command': ...}")
+                    command = request.get("command")
+                    if command == "status":
+                        reply = {"ok": True, **self._admin_status()}
+                    elif command == "reload":
+                        reply = await self.reload(request.get("model"), request.get("checkpoint"))
+                    else:
+                        raise reloading.ReloadError(f"unknown admin command {command!r}; known: 'reload', 'status'")
+                except (reloading.ReloadError, wire.WireError) as exc:
+                    logger.warning("admin call refused: %s", exc)
+                    reply = {"ok": False, "error": str(exc)}
+                await ws.send(wire.packb(reply))
+        except websockets.ConnectionClosed:
+            pass
+
+    def _admin_status(self) -> dict[str, Any]:
+        return {"server": "gpu_worker", "device": self.device,
+                "models": {name: {"version": m.version, "checkpoint": m.checkpoint} for name, m in self.models.items()}}
 
     async def _offload(self, size: int, fn, *args):
         if size < self.config.codec_offload_bytes:
@@ -296,7 +400,7 @@ class ModelServer:
         if prev_total_ms is not None:
             timing["prev_total_ms"] = prev_total_ms
         reply = build_reply(
-            result.outputs, timing, is_batch=parsed.is_batch, model=parsed.model, version=hosted.version
+            result.outputs, timing, is_batch=parsed.is_batch, model=parsed.model, version=result.version
         )
         size = sum(v.nbytes for v in result.outputs.values())
         try:

@@ -1,0 +1,157 @@
+"""Hot reload on a real model server: a new checkpoint swapped in under continuous load from several clients,
+bad checkpoints refused while the old weights keep serving, and the admin path guarded."""
+
+from __future__ import annotations
+
+import pathlib
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+from websockets.exceptions import InvalidStatus
+
+from gpu_worker.client import ModelClient, admin_call
+from gpu_worker.config import ModelConfig
+from gpu_worker.model import load_model
+
+CARTPOLE = "gpu_worker.models.cartpole:CartPolePolicy"
+SHIPPED = pathlib.Path(__file__).resolve().parents[1] / "gpu_worker" / "checkpoints" / "cartpole_mlp.pt"
+
+
+def perturbed(tmp_path: pathlib.Path, name: str = "cartpole_v2.pt", *, scale: float = 0.5,
+              value: float | None = None) -> str:
+    """The shipped CartPole weights changed: a checkpoint a trainer could have written."""
+    state = torch.load(SHIPPED, weights_only=True)
+    generator = torch.Generator().manual_seed(1)
+    for key, tensor in state.items():
+        state[key] = torch.full_like(tensor, value) if value is not None else \
+            tensor + scale * torch.randn(tensor.shape, generator=generator)
+    path = tmp_path / name
+    torch.save(state, path)
+    return str(path)
+
+
+def observations(n: int, seed: int = 0) -> list[np.ndarray]:
+    return list(np.random.default_rng(seed).normal(size=(n, 4)).astype(np.float32))
+
+
+@pytest.fixture
+def cartpole_server(start_server):
+    return start_server(models=(ModelConfig("cartpole", CARTPOLE),), log_level="WARNING")
+
+
+def test_reload_under_load_switches_each_connection_once_and_serves_the_new_weights(cartpole_server, tmp_path):
+    new_checkpoint = perturbed(tmp_path)
+    old = load_model(CARTPOLE, str(SHIPPED), device="cpu")
+    new = load_model(CARTPOLE, new_checkpoint, device="cpu")
+    assert old.version != new.version
+    obs = observations(64)
+    batch = {"observation/state": np.stack(obs)}
+    assert not np.allclose(old.infer_batch(batch)["logits"], new.infer_batch(batch)["logits"], atol=0.05)
+    stop = threading.Event()
+    seen: list[list[tuple[str, int, np.ndarray]]] = [[] for _ in range(4)]
+    errors: list[BaseException] = []
+
+    def client(k: int) -> None:
+        try:
+            with ModelClient(cartpole_server.url) as conn:
+                i = 0
+                while not stop.is_set():
+                    x = obs[(k * 16 + i) % len(obs)]
+                    reply = conn.infer({"observation/state": x})
+                    seen[k].append((reply["model"]["version"], (k * 16 + i) % len(obs), reply["logits"]))
+                    i += 1
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    time.sleep(0.5)
+    answer = admin_call(cartpole_server.url, {"command": "reload", "model": "cartpole", "checkpoint": new_checkpoint})
+    time.sleep(0.5)
+    stop.set()
+    for t in threads:
+        t.join(10)
+    assert not errors, errors
+    assert answer["ok"] and answer["version"] == new.version and answer["previous_version"] == old.version
+    assert answer["load_s"] >= 0 and answer["warmup_s"] >= 0
+    for replies in seen:
+        versions = [v for v, _, _ in replies]
+        switch = versions.index(new.version)  # every connection saw the switch ...
+        assert versions[:switch] == [old.version] * switch and switch > 0  # ... exactly once, old then new
+        assert versions[switch:] == [new.version] * (len(versions) - switch)
+        for version, i, logits in replies:
+            model = new if version == new.version else old
+            expected = model.infer_batch({"observation/state": obs[i][None]})["logits"][0]
+            np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-4)  # batched vs one row
+    with ModelClient(cartpole_server.url) as conn:  # a new connection is told the new version
+        assert conn.metadata["models"]["cartpole"]["version"] == new.version
+        assert conn.metadata["models"]["cartpole"]["checkpoint"] == new_checkpoint
+
+
+@pytest.mark.parametrize("make, reason", [
+    (lambda tmp: (tmp / "corrupt.pt").write_bytes(b"not a checkpoint") and str(tmp / "corrupt.pt"),
+     "could not be loaded"),
+    (lambda tmp: str(tmp / "missing.pt"), "does not exist"),
+    (lambda tmp: perturbed(tmp, "nan.pt", value=float("nan")), "warm-up output 'logits' is not finite"),
+    (lambda tmp: torch.save({"net.0.weight": torch.zeros(3, 3)}, tmp / "other.pt") or str(tmp / "other.pt"),
+     "could not be loaded"),
+])
+def test_a_bad_checkpoint_is_refused_and_the_old_one_keeps_serving(cartpole_server, tmp_path, make, reason):
+    with ModelClient(cartpole_server.url) as conn:
+        before = conn.infer({"observation/state": np.zeros(4, np.float32)})
+        answer = admin_call(cartpole_server.url, {"command": "reload", "model": "cartpole",
+                                                  "checkpoint": make(tmp_path)})
+        assert answer["ok"] is False and reason in answer["error"], answer
+        after = conn.infer({"observation/state": np.zeros(4, np.float32)})
+    assert after["model"] == before["model"]
+    np.testing.assert_array_equal(after["logits"], before["logits"])
+
+
+def test_bad_admin_calls_are_answered_and_the_connection_stays(cartpole_server, tmp_path):
+    with ModelClient(cartpole_server.url.rstrip("/") + "/admin") as conn:
+        assert conn.metadata["admin"] is True and conn.metadata["models"]["cartpole"]["version"]
+        assert "unknown admin command" in conn._roundtrip({"command": "explode"})["error"]
+        assert "unknown model 'pole'" in conn._roundtrip({"command": "reload", "model": "pole",
+                                                          "checkpoint": str(SHIPPED)})["error"]
+        assert "one msgpack map" in conn._roundtrip([1, 2])["error"]
+        assert "checkpoint: must be a path" in conn._roundtrip({"command": "reload", "model": "cartpole"})["error"]
+        assert conn._roundtrip({"command": "status"})["ok"] is True
+
+
+def test_not_enough_memory_for_two_copies_is_refused_before_loading(cartpole_server, tmp_path):
+    cartpole_server.server.free_bytes = lambda device: 1024  # a device nearly full
+    answer = admin_call(cartpole_server.url, {"command": "reload", "model": "cartpole",
+                                              "checkpoint": perturbed(tmp_path)})
+    assert answer["ok"] is False and "not enough memory on cpu" in answer["error"] and "1 MiB" not in answer["error"]
+
+
+def test_one_reload_at_a_time_per_model(start_server, tmp_path):
+    server = start_server(models=(ModelConfig("affine", "gpu_worker.models.testing:AffineModel",
+                                              options={"load_delay_s": 1.0}),), log_level="WARNING")
+    checkpoint = tmp_path / "any.bin"
+    checkpoint.write_bytes(b"x")
+    first: dict = {}
+    thread = threading.Thread(target=lambda: first.update(admin_call(
+        server.url, {"command": "reload", "model": "affine", "checkpoint": str(checkpoint)})))
+    thread.start()
+    time.sleep(0.3)
+    second = admin_call(server.url, {"command": "reload", "model": "affine", "checkpoint": str(checkpoint)})
+    thread.join(10)
+    assert first["ok"] is True and second["ok"] is False and "already being reloaded" in second["error"]
+
+
+def test_admin_needs_the_api_key_and_loopback_without_one(start_server, tmp_path):
+    keyed = start_server(models=(ModelConfig("cartpole", CARTPOLE),), api_key="k" * 16, log_level="WARNING")
+    with pytest.raises(InvalidStatus) as refused:
+        admin_call(keyed.url, {"command": "status"})
+    assert refused.value.response.status_code == 401
+    assert admin_call(keyed.url, {"command": "status"}, api_key="k" * 16)["ok"] is True
+    open_server = start_server(models=(ModelConfig("cartpole", CARTPOLE),), host="0.0.0.0", log_level="WARNING")
+    with pytest.raises(InvalidStatus) as forbidden:
+        admin_call(f"ws://127.0.0.1:{open_server.port}", {"command": "status"})
+    assert forbidden.value.response.status_code == 403
+    assert b"api_key" in forbidden.value.response.body
