@@ -16,6 +16,7 @@ import concurrent.futures
 import dataclasses
 import hmac
 import ipaddress
+import json
 import logging
 import signal
 import threading
@@ -38,6 +39,7 @@ logger = logging.getLogger("gpu_worker")
 
 MODEL_PATH_PREFIX = "/models/"
 ADMIN_PATH = "/admin"
+STATUS_PATH = "/status"
 RESERVED_OUTPUTS = frozenset({"server_timing", "model"})
 
 
@@ -291,6 +293,12 @@ class ModelServer:
             return connection.respond(503, "server is shutting down\n")
         if self._server is not None and len(self._server.connections) >= self.config.max_connections:
             return connection.respond(503, f"too many connections (max_connections={self.config.max_connections})\n")
+        if path == STATUS_PATH:  # the versions serving now, read by reward apps before trusting their cache
+            body = json.dumps({"ready": True, **self._admin_status()}) + "\n"
+            response = connection.respond(200, body)
+            del response.headers["Content-Type"]
+            response.headers["Content-Type"] = "application/json"
+            return response
         if path == ADMIN_PATH and not self.admin_allowed():
             return connection.respond(403, "admin calls need an api_key on a server not bound to loopback "
                                            "(start it with --api-key, or bind it to 127.0.0.1)\n")

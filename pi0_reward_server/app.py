@@ -403,6 +403,44 @@ def create_app(config: AppConfig | Mapping[str, Any] | None = None, *, pool: Cli
         response.call_on_close(streams.release)  # also when the client leaves before the first event
         return response
 
+    @app.post("/admin/models/<name>/reload")
+    def reload_model(name: str):
+        """Push a checkpoint for hosted model ``name`` to every model server; each server's outcome and
+        version, and whether they now agree. Needs the token; with none set, only from loopback."""
+        if settings.token is None and request.remote_addr not in ("127.0.0.1", "::1"):
+            return jsonify(error="admin routes need the app's token (set REWARD_TOKEN), or a call from loopback"), 403
+        if not authorized():
+            return unauthorized()
+        body = request.get_json(silent=True, force=True)
+        if not isinstance(body, dict) or set(body) - {"checkpoint", "timeout_s"}:
+            return jsonify(error="body: must be a JSON object {'checkpoint': '<path on the model servers>', "
+                                 "'timeout_s': <optional, default 600>}", field="body"), 400
+        checkpoint, timeout_s = body.get("checkpoint"), body.get("timeout_s", 600)
+        if not isinstance(checkpoint, str) or not 0 < len(checkpoint) <= 4096:
+            return jsonify(error="checkpoint: must be a path on the model servers (1-4096 characters)",
+                           field="checkpoint"), 400
+        if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or not 1 <= timeout_s <= 3600:
+            return jsonify(error="timeout_s: must be a number of seconds from 1 to 3600", field="timeout_s"), 400
+        if not (0 < len(name) <= 64 and all(c.isalnum() or c in "_.-" for c in name)):
+            return jsonify(error=f"model name {name[:64]!r} is not a valid model name", field="name"), 400
+        outcomes = pool.reload(name, checkpoint, timeout_s=float(timeout_s))
+        versions = sorted({o["version"] for o in outcomes if o.get("ok")})
+        failed = [o for o in outcomes if not o.get("ok")]
+        if not failed and len(versions) == 1:
+            message = f"all {len(outcomes)} model server(s) serve {name}@{versions[0]}"
+        elif failed:
+            message = (f"{len(failed)} of {len(outcomes)} model server(s) did not reload: "
+                       + "; ".join(f"{o['url']}: {o.get('error')}" for o in failed)
+                       + (" - the servers now disagree about the model's version" if len(outcomes) > len(failed)
+                          else ""))
+        else:
+            message = f"the model servers loaded different versions: {versions}"
+        logger.info("reload of %s from %s: %s", name, checkpoint, message)
+        ok = not failed and len(versions) == 1
+        serving = {s["url"]: s["versions"].get(name) for s in pool.status()["servers"]}  # what each serves now
+        return jsonify(model=name, checkpoint=checkpoint, consistent=ok, message=message, servers=outcomes,
+                       versions=serving), (200 if ok else 502)
+
     @app.get("/pool_status")
     def pool_status():
         if not authorized():

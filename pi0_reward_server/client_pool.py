@@ -41,6 +41,7 @@ import collections
 import concurrent.futures
 import contextlib
 import dataclasses
+import json
 import logging
 import threading
 import time
@@ -52,7 +53,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import websockets
 
-from gpu_worker.client import ModelClient, ServerError
+from gpu_worker.client import ModelClient, ServerError, admin_call
 from gpu_worker.wire import WireError
 
 logger = logging.getLogger(__name__)
@@ -166,6 +167,7 @@ class ClientPool:
         self._cond = threading.Condition()
         self._fanout: concurrent.futures.ThreadPoolExecutor | None = None
         self._probe: tuple[dict[str, Any], str | None] | None = None  # (observation, model) some server answered
+        self._versions_read_at = float("-inf")
         self._closed = False
         self._wake = threading.Event()
         self._thread = threading.Thread(target=self._maintain, name="client-pool-health", daemon=True)
@@ -232,9 +234,32 @@ class ClientPool:
             server.versions, server.default_model = {}, None
         return conn
 
+    def refresh_versions(self, max_age_s: float = 1.0) -> None:
+        """Read the versions each gpu_worker in rotation serves now (``GET /status``), unless read less than
+        ``max_age_s`` ago: a model reloaded through another app process must not be taken for the old one."""
+        with self._cond:
+            if time.monotonic() - self._versions_read_at < max_age_s:
+                return
+            self._versions_read_at = time.monotonic()
+            servers = [s for s in self._servers if s.state == UP and s.kind == "gpu_worker"]
+        headers = {"Authorization": f"Api-Key {self._api_key}"} if self._api_key else {}
+        for server in servers:
+            url = health_url(server.url).removesuffix("/healthz") + "/status"
+            try:
+                with urllib.request.urlopen(urllib.request.Request(url, headers=headers),
+                                            timeout=self.connect_timeout_s) as response:
+                    models = json.loads(response.read()).get("models", {})
+                versions = {name: str(m["version"]) for name, m in models.items() if m.get("version") is not None}
+            except Exception as exc:  # noqa: BLE001 - unknown now: no cache for its models until it answers
+                logger.info("could not read the model versions of %s: %s", server.url, exc)
+                versions = {}
+            with self._cond:
+                server.versions = versions
+
     def model_version(self, model: str | None) -> str | None:
         """``name@version`` of a hosted model (None: the servers' default) as every server in rotation
         reports it; None when a server does not report versions (openpi's) or the servers disagree."""
+        self.refresh_versions()
         with self._cond:
             seen = set()
             for server in self._servers:
@@ -457,6 +482,7 @@ class ClientPool:
                 self._release(server, conn, keep=False)
                 raise
             with self._cond:
+                _note_version(server, result)
                 server.requests += 1
                 server.last_reply_at = time.monotonic()
                 server.latencies_ms.append((server.last_reply_at - started) * 1000)
@@ -610,6 +636,35 @@ class ClientPool:
             self._wake.clear()
 
     # -- status -----------------------------------------------------------
+    def reload(self, model: str, checkpoint: str, *, timeout_s: float = 600.0) -> list[dict[str, Any]]:
+        """Ask every model server, at once, to load ``checkpoint`` for hosted ``model``; one outcome per server
+        (``url``, ``ok``, ``version``, ``previous_version``, ``error``, ``seconds``), in the pool's order. A
+        server that is down or cannot reload (openpi's) is reported, not skipped."""
+        with self._cond:
+            servers = [(s, s.url, s.state, s.kind) for s in self._servers]
+
+        def one(server: _Server, url: str, state: str, kind: str | None) -> dict[str, Any]:
+            started = time.monotonic()
+            outcome: dict[str, Any] = {"url": url, "state": state, "ok": False}
+            if kind is not None and kind != "gpu_worker":
+                outcome["error"] = f"a {kind} server cannot reload; restart it with the new checkpoint"
+                return outcome
+            try:
+                answer = admin_call(url, {"command": "reload", "model": model, "checkpoint": checkpoint},
+                                    api_key=self._api_key, timeout=timeout_s, open_timeout=self.connect_timeout_s)
+            except Exception as exc:  # noqa: BLE001 - unreachable, refused, timed out: reported per server
+                outcome["error"] = f"{type(exc).__name__}: {exc}"
+            else:
+                outcome.update(answer)
+                if answer.get("ok"):
+                    with self._cond:
+                        server.versions[model] = str(answer["version"])
+            outcome["seconds"] = round(time.monotonic() - started, 3)
+            return outcome
+
+        with concurrent.futures.ThreadPoolExecutor(len(servers), thread_name_prefix="pool-reload") as executor:
+            return list(executor.map(lambda args: one(*args), servers))
+
     def status(self) -> dict[str, Any]:
         """What /pool_status shows: each server's state, load, counters, latency; and totals."""
         with self._cond:
@@ -635,6 +690,7 @@ class ClientPool:
                     "retry_in_s": round(max(0.0, s.next_check - time.monotonic()), 2) if s.state == DOWN else None,
                     "reconnect_in_s": round(max(0.0, s.reconnect_at - time.monotonic()), 2) if s.state == DOWN else None,
                     "needs_inference": s.needs_inference,
+                    "versions": dict(s.versions),
                 })
         return {
             "servers": servers,
@@ -646,6 +702,15 @@ class ClientPool:
                 "errors": sum(s["errors"] for s in servers),
             },
         }
+
+
+def _note_version(server: _Server, result: Any) -> None:
+    """The version a gpu_worker names in each reply (``model: {name, version}``) is the truth after a reload;
+    the metadata read at connect time may be older. Called under the pool's lock."""
+    first = result[0] if isinstance(result, list) and result else result
+    model = first.get("model") if isinstance(first, dict) else None
+    if isinstance(model, dict) and isinstance(model.get("name"), str) and model.get("version") is not None:
+        server.versions[model["name"]] = str(model["version"])
 
 
 def _probe_from_metadata(conn: ModelClient) -> tuple[dict[str, Any], str | None] | None:

@@ -21,6 +21,23 @@ class PoolPolicy:
         return actions, self.last_server
 
 
+class VersionRecorder:
+    """Notes the ``name@version`` each reply says produced it (gpu_worker replies carry ``model``), so a task's
+    result records the model versions behind it, a reload mid-task included."""
+
+    def __init__(self, policy: BatchPolicy, seen: set[str]) -> None:
+        self.policy = policy
+        self.seen = seen
+
+    def infer_batch(self, observations: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], str]:
+        actions, url = self.policy.infer_batch(observations)
+        for action in actions:
+            model = action.get("model") if isinstance(action, dict) else None
+            if isinstance(model, dict) and model.get("version") is not None:
+                self.seen.add(f"{model.get('name')}@{model['version']}")
+        return actions, url
+
+
 class DeadlinePolicy:
     """Fails a task's next network call once its request's time is up, so no request runs forever."""
 

@@ -155,3 +155,76 @@ def test_admin_needs_the_api_key_and_loopback_without_one(start_server, tmp_path
         admin_call(f"ws://127.0.0.1:{open_server.port}", {"command": "status"})
     assert forbidden.value.response.status_code == 403
     assert b"api_key" in forbidden.value.response.body
+
+
+# -- across the pool: POST /admin/models/<name>/reload on the reward app ----------------------------------
+
+
+def cartpole_servers(start_server, n: int):
+    return [start_server(models=(ModelConfig("cartpole", CARTPOLE),), log_level="WARNING") for _ in range(n)]
+
+
+def test_reload_across_the_pool_then_results_name_the_new_version_and_miss_the_old_cache(start_server, make_app,
+                                                                                        tmp_path):
+    servers = cartpole_servers(start_server, 2)
+    client = make_app(model_servers=tuple(s.url for s in servers)).test_client()
+    task = {"responses": [{"task": "cartpole_short", "episodes": 1}], "reward_function_kwargs": {"max_workers": 1}}
+    first = client.post("/score", json=task).get_json()["details"][0]
+    old_version = first["model_versions"][0]
+    assert old_version.startswith("cartpole@cartpole_mlp.pt@") and first["cached"] is False
+    assert client.post("/score", json=task).get_json()["details"][0]["cached"] is True
+    checkpoint = perturbed(tmp_path, scale=0.01)  # still balances: a fine-tuned policy
+    response = client.post("/admin/models/cartpole/reload", json={"checkpoint": checkpoint})
+    body = response.get_json()
+    assert response.status_code == 200 and body["consistent"] is True, body
+    new_version = f"cartpole@{body['servers'][0]['version']}"
+    assert [o["ok"] for o in body["servers"]] == [True, True] and len(set(body["versions"].values())) == 1
+    assert "all 2 model server(s) serve cartpole@cartpole_v2.pt@" in body["message"]
+    assert all(s["versions"]["cartpole"] == body["servers"][0]["version"]
+               for s in client.get("/pool_status").get_json()["servers"])
+    after = client.post("/score", json=task).get_json()["details"][0]
+    assert after["cached"] is False and after["model_versions"] == [new_version]  # not the old weights' result
+    assert client.post("/score", json=task).get_json()["details"][0]["cached"] is True  # cached on the new one
+
+
+def test_reload_fan_out_reports_a_server_that_is_down_and_says_they_disagree(start_server, make_app, tmp_path):
+    servers = cartpole_servers(start_server, 2)
+    app = make_app(model_servers=tuple(s.url for s in servers), health_interval_s=0.2, probe_interval_s=0.2)
+    client = app.test_client()
+    assert client.post("/score", json={"responses": ["cartpole_short"]}).status_code == 200
+    servers[1].stop(grace_s=1)
+    response = client.post("/admin/models/cartpole/reload", json={"checkpoint": perturbed(tmp_path), "timeout_s": 30})
+    body = response.get_json()
+    assert response.status_code == 502 and body["consistent"] is False
+    up, down = body["servers"]
+    assert up["ok"] is True and up["version"].startswith("cartpole_v2.pt@")
+    assert down["ok"] is False and down["url"] == servers[1].url and down["error"]
+    assert "1 of 2 model server(s) did not reload" in body["message"] and "now disagree" in body["message"]
+
+
+def test_reload_reports_an_openpi_server_that_cannot_reload(start_server, openpi_servers, make_app, tmp_path):
+    gpu = cartpole_servers(start_server, 1)[0]
+    openpi = openpi_servers(model=CARTPOLE)
+    client = make_app(model_servers=(gpu.url, openpi.url)).test_client()
+    for _ in range(4):  # connections to both: the pool learns what each server is
+        assert client.post("/score", json={"responses": ["cartpole_short"] * 2}).status_code == 200
+    body = client.post("/admin/models/cartpole/reload", json={"checkpoint": perturbed(tmp_path)}).get_json()
+    by_url = {o["url"]: o for o in body["servers"]}
+    assert by_url[gpu.url]["ok"] is True
+    assert by_url[openpi.url]["ok"] is False and "cannot reload" in by_url[openpi.url]["error"]
+
+
+def test_reload_route_is_guarded_and_checks_its_body(start_server, make_app):
+    servers = cartpole_servers(start_server, 1)
+    guarded = make_app(model_servers=(servers[0].url,), token="t" * 16).test_client()
+    assert guarded.post("/admin/models/cartpole/reload", json={"checkpoint": str(SHIPPED)}).status_code == 401
+    open_app = make_app(model_servers=(servers[0].url,)).test_client()
+    remote = open_app.post("/admin/models/cartpole/reload", json={"checkpoint": str(SHIPPED)},
+                           environ_base={"REMOTE_ADDR": "10.1.2.3"})
+    assert remote.status_code == 403 and "token" in remote.get_json()["error"]
+    for body, field in (({}, "checkpoint"), ({"checkpoint": 3}, "checkpoint"), ([1], "body"),
+                        ({"checkpoint": "x", "timeout_s": 0}, "timeout_s"), ({"checkpoint": "x", "y": 1}, "body")):
+        response = open_app.post("/admin/models/cartpole/reload", json=body)
+        assert response.status_code == 400 and response.get_json()["field"] == field, (body, response.get_json())
+    bad = open_app.post("/admin/models/cartpole/reload", json={"checkpoint": "/no/such.pt"}).get_json()
+    assert bad["consistent"] is False and "does not exist" in bad["servers"][0]["error"]

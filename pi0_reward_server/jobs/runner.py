@@ -149,13 +149,20 @@ class JobRunner:
             job.on_end()
 
     # -- running --------------------------------------------------------------
-    def cache_key(self, task) -> str | None:
+    def cache_versions(self, task) -> list[str] | None:
+        """The ``name@version`` of each model that fixes the task's outcome, or None: not cacheable."""
         versions = []
         for model in models_of(task):
             version = self._model_version(model)
             if version is None or version.endswith("@init"):
                 return None  # no version reported, servers disagree, or weights not tied to a checkpoint
             versions.append(version)
+        return versions
+
+    def cache_key(self, task, versions: list[str] | None = None) -> str | None:
+        versions = self.cache_versions(task) if versions is None else versions
+        if versions is None:
+            return None
         canonical = json.dumps({"task": task.describe(), "models": versions, "cache_version": CACHE_VERSION},
                                sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()
@@ -177,7 +184,8 @@ class JobRunner:
             if not self.store.start_job(job_id, self.owner):
                 return  # cancelled while queued, by another process
             details: list[dict | None] = [None] * len(tasks)
-            keys = [self.cache_key(task) if use_cache else None for task in tasks]
+            versions = [self.cache_versions(task) if use_cache else None for task in tasks]
+            keys = [self.cache_key(task, v) if v is not None else None for task, v in zip(tasks, versions)]
             pending = []
             for i, key in enumerate(keys):
                 hit = self.store.cached(key) if key else None
@@ -192,9 +200,12 @@ class JobRunner:
                 details[i] = {**result.to_dict(), "cached": False}
                 self.store.finish_task(job_id, i, result.score, details[i])
                 # Cache only a clean result, and only if the model versions are still those it started with
-                # (a server restarted with other weights mid-job must not file its results under the old key).
+                # and those its replies named (a server restarted or reloaded with other weights mid-job must
+                # not file its results under the old key).
+                produced = details[i].get("model_versions")
                 if (keys[i] is not None and result.error is None and not details[i].get("episode_errors")
-                        and not cancel.is_set() and self.cache_key(tasks[i]) == keys[i]):
+                        and not cancel.is_set() and self.cache_key(tasks[i]) == keys[i]
+                        and (produced is None or set(produced) == set(versions[i]))):
                     self.store.remember(keys[i], details[i])
 
             if pending:

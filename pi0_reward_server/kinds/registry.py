@@ -113,13 +113,20 @@ def run_task(task, policy_for: PolicyFor, failure_score: float, tracker=None, **
     ``tracker`` (a :class:`~pi0_reward_server.jobs.tracking.TaskTracker`) receives progress in units
     (episodes, games), and cancels the task's policy calls once its job is cancelled."""
     from pi0_reward_server.jobs.tracking import CancellablePolicy
+    from pi0_reward_server.policies import VersionRecorder
 
     started = time.monotonic()
     if tracker is not None:
         inner = policy_for
         policy_for = lambda model: CancellablePolicy(inner(model), tracker)  # noqa: E731
+    versions: set[str] = set()
+    recorded = policy_for
+    policy_for = lambda model: VersionRecorder(recorded(model), versions)  # noqa: E731
     try:
-        return BACKENDS[task.backend].run(task, policy_for, tracker=tracker, **options)
+        result = BACKENDS[task.backend].run(task, policy_for, tracker=tracker, **options)
+        if versions:
+            result.extra["model_versions"] = sorted(versions)
+        return result
     except Exception as exc:  # noqa: BLE001 - every task gets exactly one result
         logger.warning("task %s failed: %s: %s", task.name, type(exc).__name__, exc)
         return TaskResult(
