@@ -13,6 +13,7 @@ import json
 import math
 import os
 import pathlib
+import pickle
 import socket
 import threading
 import time
@@ -279,7 +280,9 @@ def test_trl_signature_with_dataset_columns_and_conversational_completions(serve
                                 log_metric=lambda k, v: logged.__setitem__(k, v)))
     assert len(scores) == 2 and all(isinstance(s, float) for s in scores)
     assert logged == {"pi0_reward/failed": 0.0, "pi0_reward/cached": 0.0}
-    assert reward.__name__ == "pi0_reward" and inspect.iscoroutinefunction(reward)
+    assert inspect.iscoroutinefunction(reward)  # TRL awaits it with the others (asyncio.gather)
+    again = pickle.loads(pickle.dumps(reward))  # TRL's async GRPO pickles reward functions into a process
+    assert again.func.__name__ == "pi0_reward" and again.keywords == reward.keywords
     client = app.app.test_client()
     job = client.get("/jobs").get_json()["jobs"][0]
     assert [d["task"]["prompt"] for d in client.get(f"/jobs/{job['id']}").get_json()["result"]["details"]] \
@@ -435,3 +438,51 @@ def test_the_documented_configurations_name_what_exists(make_app):
         assert documented in (str(fields[name]).removesuffix(".0"), "none" if fields[name] is None else "-"), name
     for route in re.findall(r"http://<app-host>:6006(/[\w/]+)", section):
         assert route in {rule.rule for rule in make_app().url_map.iter_rules()}, route
+
+
+def test_a_field_refusal_fails_its_sample_alone(served):
+    from pi0_reward_server.integrations.trl import make_reward_func
+
+    app = served()
+    bad = json.dumps({"task": "cartpole_short", "return_range": [5, 1]})  # refused as responses[1].return_range
+    scores = asyncio.run(make_reward_func(url=app.url)(["p"] * 3, ["c"] * 3, task=["cartpole_short", bad, "cartpole"]))
+    assert scores[0] == 1.0 and scores[1] is None and scores[2] == 1.0
+
+
+def test_a_caller_that_gives_up_does_not_strand_the_rest_of_its_batch(served):
+    app = served(affine(gated=True))
+    from pi0_reward_server.integrations.verl import compute_score
+
+    async def main():
+        calls = [asyncio.create_task(compute_score("d", "s", "cartpole_short", None, url=app.url, task_retries=0))
+                 for _ in range(3)]
+        await asyncio.sleep(0.5)
+        calls[0].cancel()  # e.g. a trainer's own timeout around one sample
+        AffineModel.gate.set()
+        return await asyncio.wait_for(asyncio.gather(*calls[1:]), 30)
+
+    results = asyncio.run(main())  # the affine model is no CartPole policy: a real, low score
+    assert len(results) == 2 and [r["failed"] for r in results] == [0.0, 0.0]
+    assert results[0]["score"] == results[1]["score"]
+
+
+def test_numpy_ground_truths_from_parquet_are_sent_as_json(served):
+    from pi0_reward_server.integrations.verl import compute_score_batch
+
+    app = served()
+    truth = {"task": np.str_("gym:CartPole-v1"), "return_range": np.array([0, 1000]), "max_steps": np.int64(6),
+             "episodes": np.int64(1)}
+    assert [r["score"] for r in compute_score_batch(["d"], ["s"], [truth], [{}], url=app.url)] == [0.006]
+
+
+@pytest.mark.slow
+def test_no_model_server_yet_503_is_retried_until_one_comes_up(start_server, serve_app):
+    from pi0_reward_server.integrations.trl import make_reward_func
+
+    port = free_port()
+    app = serve_app(model_servers=(f"ws://127.0.0.1:{port}",), health_interval_s=0.2, probe_interval_s=0.2,
+                    backoff_initial_s=0.1, backoff_max_s=0.5)
+    threading.Timer(2.0, lambda: start_server(models=(CARTPOLE,), port=port, log_level="WARNING")).start()
+    reward = make_reward_func(url=app.url, task="cartpole_short", retries=0, timeout_s=120, on_failure="raise")
+    assert asyncio.run(reward(["p"], ["c"])) == [1.0]  # 503 + Retry-After, more often than `retries` allows
+    assert app.counts["POST /jobs"] >= 2

@@ -14,12 +14,14 @@ OpenRLHF passes no settings to the function: they come from the environment of i
 (``PI0_REWARD_URL``, ``PI0_REWARD_TOKEN``, ``PI0_REWARD_TASK``, ``PI0_REWARD_TIMEOUT_S``, ...; see
 :class:`pi0_reward_server.integrations.remote.Options`); with Ray, put them in the job's ``env_vars``.
 
-A sample that cannot be scored raises :class:`RewardServiceError` with the reason (OpenRLHF logs it and
-keeps the sample's reward unset); never a 0.0 that reads as a real zero.
+A sample that cannot be scored raises :class:`RewardServiceError` with the reason, logged as an error
+first: OpenRLHF catches the exception, logs it only at INFO level and leaves the sample's reward unset
+(the step then fails on the missing reward). Never a 0.0 that reads as a real zero.
 """
 
 from __future__ import annotations
 
+import logging
 import pathlib
 import sys
 from typing import Any
@@ -31,6 +33,7 @@ except ImportError:  # loaded by path from a checkout that is not installed: its
     from pi0_reward_server.integrations import remote, tasks
 
 RewardServiceError = remote.RewardServiceError
+logger = logging.getLogger("pi0_reward_server.integrations.openrlhf")
 
 
 def reward_func(queries: list, prompts: list, labels: list, **kwargs: Any) -> dict[str, Any]:
@@ -41,20 +44,27 @@ def reward_func(queries: list, prompts: list, labels: list, **kwargs: Any) -> di
     labels = list(labels) if labels is not None else [None] * len(queries)
     if not len(queries) == len(prompts) == len(labels):
         raise ValueError(f"queries, prompts and labels hold {len(queries)}, {len(prompts)} and {len(labels)} items")
-    specs = []
+    outcomes: list[Any] = [None] * len(queries)
+    specs, where = [], []
     for i, (query, prompt, label) in enumerate(zip(queries, prompts, labels)):
         own = label not in (None, "")
-        source, where = (label, f"labels[{i}]") if own else (options.task, "PI0_REWARD_TASK")
-        if source is None:
-            raise tasks.SampleError(f"labels[{i}]: names no task, and PI0_REWARD_TASK is not set")
-        if not isinstance(query, str):
-            raise tasks.SampleError(f"queries[{i}]: must be a string, got {type(query).__name__}")
-        specs.append(tasks.task_spec(source, where, tasks.strip_prompt(query, prompt)))
-    outcomes = [future.result() for future in remote.batcher_for(options).submit(specs)]
+        source, spec_where = (label, f"labels[{i}]") if own else (options.task, "PI0_REWARD_TASK")
+        try:
+            if source is None:
+                raise tasks.SampleError(f"labels[{i}]: names no task, and PI0_REWARD_TASK is not set")
+            if not isinstance(query, str):
+                raise tasks.SampleError(f"queries[{i}]: must be a string, got {type(query).__name__}")
+            specs.append(tasks.task_spec(source, spec_where, tasks.strip_prompt(query, prompt)))
+            where.append(i)
+        except tasks.SampleError as exc:
+            outcomes[i] = remote.Outcome.failed(str(exc))
+    for i, future in zip(where, remote.batcher_for(options).submit(specs)):
+        outcomes[i] = future.result()
     failed = [o for o in outcomes if not o.ok]
     if failed:
-        raise RewardServiceError(f"{len(failed)} of {len(outcomes)} sample(s) could not be scored; "
-                                 f"first: {failed[0].error}")
+        message = f"{len(failed)} of {len(outcomes)} sample(s) could not be scored; first: {failed[0].error}"
+        logger.error("pi0 reward: %s", message)  # OpenRLHF logs the exception only at INFO level
+        raise RewardServiceError(message)
     scores = [o.score for o in outcomes]
     return {"rewards": scores, "scores": scores, "extra_logs": {
         "cached": [o.logs()["cached"] for o in outcomes], "episodes": [o.logs()["episodes"] for o in outcomes]}}

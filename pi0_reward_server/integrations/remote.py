@@ -21,6 +21,7 @@ trainer can see (an exception, a NaN, a None).
 
 from __future__ import annotations
 
+import atexit
 import concurrent.futures
 import dataclasses
 import http.client
@@ -136,11 +137,18 @@ class Options:
                 out["reward_function_kwargs"] = json.loads(out["reward_function_kwargs"])
             except ValueError as exc:
                 raise ValueError(f"reward_function_kwargs: not JSON: {exc}") from None
+        for name in ("reward_function_kwargs", "task"):
+            if out.get(name) is not None and not isinstance(out[name], str):
+                try:
+                    out[name] = plain(out[name])
+                except TypeError as exc:
+                    raise ValueError(f"{name}: {exc}") from None
         kwargs = out.get("reward_function_kwargs")
         if kwargs is not None and not isinstance(kwargs, Mapping):
             raise ValueError(f"reward_function_kwargs: must be an object, got {type(kwargs).__name__}")
-        if kwargs is not None:
-            out["reward_function_kwargs"] = dict(kwargs)
+        task = out.get("task")
+        if task is not None and not isinstance(task, (str, Mapping)):
+            raise ValueError(f"task: must be a task reference or a spec object, got {type(task).__name__}")
         for name, low, high, integer in (("timeout_s", 0.1, 30 * 86400, False), ("batch_window_s", 0, 10, False),
                                          ("max_batch", 1, 100_000, True), ("max_parallel", 1, 1024, True),
                                          ("retries", 0, 100, True), ("task_retries", 0, 100, True),
@@ -201,6 +209,8 @@ class RewardService:
         self._local = threading.local()
         self.requests = 0  # HTTP exchanges sent (for tests and logs)
         self.jobs_submitted = 0
+        self.active: set[str] = set()  # jobs submitted and not yet seen to end
+        self._active_lock = threading.Lock()
 
     # -- one exchange, with retries ------------------------------------------------------------------------
 
@@ -238,32 +248,36 @@ class RewardService:
 
     def request(self, method: str, path: str, body: Any = None, *, headers: dict | None = None,
                 deadline: float | None = None) -> tuple[int, Any]:
-        """(status, JSON) of one call. Connection failures and 429/502/503/504 are retried (``Retry-After``
-        honoured, else backing off 0.5 s doubling) up to ``retries`` times and not past ``deadline``; then
-        :class:`RewardServiceError`. Other statuses are returned as they are."""
+        """(status, JSON) of one call. A refused, reset or timed-out connection is retried up to ``retries``
+        times (0.5 s, doubling); a 429/502/503/504 (the app busy, restarting, or with no model server up) is
+        retried after its ``Retry-After`` for as long as ``deadline`` allows (without one: ``retries`` times).
+        Then :class:`RewardServiceError`. Other statuses are returned as they are."""
         data = None if body is None else json.dumps(body).encode()
-        wait, problem = 0.5, ""
-        for attempt in range(self.retries + 1):
+        wait, problem, failures, busy = 0.5, "", 0, 0
+        while True:
             try:
                 status, response_headers, payload = self._exchange(method, path, data, headers or {})
             except (OSError, http.client.HTTPException) as exc:
                 problem = f"{type(exc).__name__}: {exc}"
-                pause = wait
+                failures += 1
+                pause, spent = wait, failures > self.retries
+                wait = min(wait * 2, self.max_retry_wait_s)
             else:
                 if status not in RETRY_STATUSES:
                     return status, payload
                 message = payload.get("error") if isinstance(payload, dict) else None
                 problem = f"HTTP {status}" + (f": {message}" if message else "")
-                pause = _retry_after(response_headers, wait)
-            if attempt == self.retries:
-                break
+                busy += 1
+                pause, spent = _retry_after(response_headers, wait), deadline is None and busy > self.retries
+            if spent:
+                attempts = failures + busy
+                raise RewardServiceError(f"{method} {self.url}{path}: {problem} (after {attempts} attempts)")
             pause = min(pause, self.max_retry_wait_s)
             if deadline is not None and time.monotonic() + pause > deadline:
-                raise RewardServiceError(f"{method} {self.url}{path}: {problem}; no time left to retry")
+                raise RewardServiceError(f"{method} {self.url}{path}: {problem}; the adapter's timeout_s leaves "
+                                         "no time to retry")
             logger.info("reward service: %s %s: %s; retrying in %.1fs", method, path, problem, pause)
             time.sleep(pause)
-            wait = min(wait * 2, self.max_retry_wait_s)
-        raise RewardServiceError(f"{method} {self.url}{path}: {problem} (after {self.retries + 1} attempts)")
 
     # -- jobs ----------------------------------------------------------------------------------------------
 
@@ -274,6 +288,8 @@ class RewardService:
                                        deadline=deadline)
         if status == 202:
             self.jobs_submitted += 1
+            with self._active_lock:
+                self.active.add(payload["id"])
             return payload["id"]
         raise _rejected(status, payload, "POST /jobs")
 
@@ -285,29 +301,52 @@ class RewardService:
 
     def cancel(self, job_id: str) -> None:
         try:
-            self.request("DELETE", f"/jobs/{job_id}")
+            status, payload = self.request("DELETE", f"/jobs/{job_id}")
+            if status != 200:
+                logger.warning("reward service: could not cancel job %s: HTTP %s: %s", job_id, status,
+                               payload.get("error") if isinstance(payload, dict) else payload)
         except RewardServiceError as exc:
             logger.warning("reward service: could not cancel job %s: %s", job_id, exc)
+        finally:
+            with self._active_lock:
+                self.active.discard(job_id)
+
+    def cancel_active(self) -> None:
+        """Cancel every job this client submitted and is still waiting for (a trainer exiting)."""
+        with self._active_lock:
+            active = list(self.active)
+        self.retries = 0
+        for job_id in active:
+            self.cancel(job_id)
 
     def wait(self, job_id: str, deadline: float) -> dict:
         """Poll the job until it ends (0.1 s, growing to ``poll_max_s`` between polls); its view. Past the
-        deadline the job is cancelled and :class:`RewardServiceError` raised."""
-        pause = 0.1
-        while True:
-            view = self.job(job_id, deadline)
-            if view["state"] in TERMINAL and (view.get("result") is not None or view["state"] != "done"):
-                return view
-            if time.monotonic() + pause > deadline:
+        deadline, or when it cannot be polled, the job is cancelled and :class:`RewardServiceError` raised:
+        no job is left running for nobody."""
+        pause, ended = 0.1, False
+        try:
+            while True:
+                view = self.job(job_id, deadline)
+                if view["state"] in TERMINAL and (view.get("result") is not None or view["state"] != "done"):
+                    ended = True
+                    return view
+                if time.monotonic() + pause > deadline:
+                    raise RewardServiceError(f"job {job_id} had not finished when the adapter's timeout_s ran "
+                                             f"out ({view.get('progress', 0):.0%} done); it was cancelled")
+                time.sleep(pause)
+                pause = min(pause * 1.5, self.poll_max_s)
+        finally:
+            if ended:
+                with self._active_lock:
+                    self.active.discard(job_id)
+            else:
                 self.cancel(job_id)
-                raise RewardServiceError(f"job {job_id} had not finished when the adapter's timeout_s ran out "
-                                         f"({view.get('progress', 0):.0%} done); it was cancelled")
-            time.sleep(pause)
-            pause = min(pause * 1.5, self.poll_max_s)
 
     def score(self, specs: list, kwargs: Mapping[str, Any] | None = None, *, timeout_s: float = 3600.0,
-              task_retries: int = 1) -> list[Outcome]:
-        """One outcome per spec (a ``/score`` response), in order; never raises for a sample's failure."""
-        deadline = time.monotonic() + timeout_s
+              task_retries: int = 1, deadline: float | None = None) -> list[Outcome]:
+        """One outcome per spec (a ``/score`` response), in order; never raises for a sample's failure.
+        ``deadline`` (monotonic) overrides ``timeout_s``."""
+        deadline = time.monotonic() + timeout_s if deadline is None else deadline
         outcomes: list[Outcome | None] = [None] * len(specs)
         pending = list(range(len(specs)))
         for attempt in range(task_retries + 1):
@@ -325,41 +364,61 @@ class RewardService:
         return outcomes  # type: ignore[return-value]
 
     def _score_once(self, specs: list, kwargs: Mapping[str, Any] | None, deadline: float) -> list[Outcome]:
-        if not specs:
-            return []
-        body: dict[str, Any] = {"responses": specs}
+        """Submit every part first (a part the service refuses fails alone; one too big is split), then wait
+        for all of them: the parts run at once on the service."""
+        outcomes: list[Outcome | None] = [None] * len(specs)
+        jobs: list[tuple[list[int], str]] = []
+        self._submit_parts(list(range(len(specs))), specs, kwargs, deadline, outcomes, jobs)
+        for indices, job_id in jobs:
+            for i, outcome in zip(indices, self._collect(job_id, len(indices), deadline)):
+                outcomes[i] = outcome
+        return outcomes  # type: ignore[return-value]
+
+    def _submit_parts(self, indices: list[int], specs: list, kwargs: Mapping[str, Any] | None, deadline: float,
+                      outcomes: list, jobs: list) -> None:
+        if not indices:
+            return
+        body: dict[str, Any] = {"responses": [specs[i] for i in indices]}
         if kwargs:
             body["reward_function_kwargs"] = dict(kwargs)
         try:
-            job_id = self.submit(body, deadline)
+            jobs.append((indices, self.submit(body, deadline)))
+            return
         except RequestRejected as exc:
-            match = re.fullmatch(r"responses\[(\d+)\]", exc.field or "")
-            if match and int(match.group(1)) < len(specs):  # a bad sample (and its copies) fail alone
+            match = re.match(r"responses\[(\d+)\](?:\.|$)", exc.field or "")
+            if match and int(match.group(1)) < len(indices):  # a bad sample (and its copies) fail alone
                 k = int(match.group(1))
+                bad = specs[indices[k]]
                 refused = Outcome.failed(f"the service refused this sample: "
                                          f"{str(exc).replace(f'responses[{k}]', 'task', 1)}")
-                keep = [i for i, spec in enumerate(specs) if spec != specs[k]]
-                rest = iter(self._score_once([specs[i] for i in keep], kwargs, deadline))
-                kept = set(keep)
-                return [next(rest) if i in kept else refused for i in range(len(specs))]
+                for i in indices:
+                    if specs[i] == bad:
+                        outcomes[i] = refused
+                self._submit_parts([i for i in indices if specs[i] != bad], specs, kwargs, deadline, outcomes, jobs)
+                return
             too_big = exc.status == 413 or (exc.status == 400 and exc.field == "responses")
-            if too_big and len(specs) > 1:  # too much for one request: halves
-                half = len(specs) // 2
-                return self._score_once(specs[:half], kwargs, deadline) + \
-                    self._score_once(specs[half:], kwargs, deadline)
-            return [Outcome.failed(f"the service refused the request: {exc}") for _ in specs]
+            if too_big and len(indices) > 1:  # too much for one request: halves
+                half = len(indices) // 2
+                self._submit_parts(indices[:half], specs, kwargs, deadline, outcomes, jobs)
+                self._submit_parts(indices[half:], specs, kwargs, deadline, outcomes, jobs)
+                return
+            failure = Outcome.failed(f"the service refused the request: {exc}")
         except RewardServiceError as exc:
-            return [Outcome.failed(str(exc)) for _ in specs]
+            failure = Outcome.failed(str(exc))
+        for i in indices:
+            outcomes[i] = failure
+
+    def _collect(self, job_id: str, n: int, deadline: float) -> list[Outcome]:
         try:
             view = self.wait(job_id, deadline)
         except RewardServiceError as exc:
-            return [Outcome.failed(str(exc)) for _ in specs]
+            return [Outcome.failed(str(exc)) for _ in range(n)]
         if view["state"] == "cancelled":
             return [Outcome.failed(f"job {job_id} was cancelled on the service before it finished")
-                    for _ in specs]
+                    for _ in range(n)]
         result = view.get("result")
         if view["state"] == "failed" or not result:
-            return [Outcome.failed(f"job {job_id} failed: {view.get('error')}", retriable=True) for _ in specs]
+            return [Outcome.failed(f"job {job_id} failed: {view.get('error')}", retriable=True) for _ in range(n)]
         outcomes = []
         for score, detail in zip(result["scores"], result["details"]):
             if detail.get("error"):
@@ -378,9 +437,11 @@ def _retry_after(headers: Mapping[str, str], default: float) -> float:
         return default
 
 
-def _rejected(status: int, payload: Any, what: str) -> RequestRejected:
+def _rejected(status: int, payload: Any, what: str) -> RewardServiceError:
     payload = payload if isinstance(payload, dict) else {}
     message = payload.get("error") or f"HTTP {status}"
+    if status >= 500:  # the service failed, not the request
+        return RewardServiceError(f"{what}: the service failed: HTTP {status}: {message}")
     return RequestRejected(status, f"{what}: HTTP {status}: {message}", payload.get("field"))
 
 
@@ -390,28 +451,28 @@ def _rejected(status: int, payload: Any, what: str) -> RequestRejected:
 
 class Batcher:
     """Samples submitted within ``window_s`` of the first one waiting (or ``max_batch`` of them) go to the
-    service as one job; up to ``max_parallel`` jobs run at once. Thread-safe; async callers wrap the
-    futures with :func:`asyncio.wrap_future`."""
+    service as one job; up to ``max_parallel`` jobs run at once, and while all are busy the samples arriving
+    wait together for the next. A sample's ``timeout_s`` counts from its submission. Thread-safe; async
+    callers wrap the futures with :func:`asyncio.wrap_future`. Its threads are daemons: a trainer that exits
+    does not wait for them (its jobs still waited for are cancelled on the service at exit)."""
 
     def __init__(self, service: RewardService, *, kwargs: Mapping[str, Any] | None = None, window_s: float = 0.05,
                  max_batch: int = 64, max_parallel: int = 8, timeout_s: float = 3600.0, task_retries: int = 1) -> None:
         self.service, self.kwargs = service, dict(kwargs or {})
         self.window_s, self.max_batch = window_s, max_batch
         self.timeout_s, self.task_retries = timeout_s, task_retries
-        self._pending: list[tuple[Any, concurrent.futures.Future]] = []
-        self._first_at = 0.0
+        self._pending: list[tuple[Any, concurrent.futures.Future, float]] = []  # (spec, future, submitted at)
         self._cond = threading.Condition()
-        self._jobs = concurrent.futures.ThreadPoolExecutor(max_parallel, thread_name_prefix="pi0-reward-job")
+        self._slots = threading.BoundedSemaphore(max_parallel)
         self._thread = threading.Thread(target=self._dispatch, name="pi0-reward-batcher", daemon=True)
         self._thread.start()
         self.batches: list[int] = []  # sizes of the batches sent (for tests and logs)
 
     def submit(self, specs: list) -> list[concurrent.futures.Future]:
         futures = [concurrent.futures.Future() for _ in specs]
+        now = time.monotonic()
         with self._cond:
-            if not self._pending:
-                self._first_at = time.monotonic()
-            self._pending.extend(zip(specs, futures))
+            self._pending.extend((spec, future, now) for spec, future in zip(specs, futures))
             self._cond.notify()
         return futures
 
@@ -420,41 +481,61 @@ class Batcher:
             with self._cond:
                 while not self._pending:
                     self._cond.wait()
+            self._slots.acquire()  # all jobs busy: the samples arriving meanwhile gather for the next
+            with self._cond:
                 while len(self._pending) < self.max_batch:
-                    left = self._first_at + self.window_s - time.monotonic()
+                    left = self._pending[0][2] + self.window_s - time.monotonic()
                     if left <= 0:
                         break
                     self._cond.wait(left)
                 batch, self._pending = self._pending[:self.max_batch], self._pending[self.max_batch:]
-                self._first_at = time.monotonic()
             self.batches.append(len(batch))
-            self._jobs.submit(self._run, batch)
+            threading.Thread(target=self._run, args=(batch,), name="pi0-reward-job", daemon=True).start()
 
-    def _run(self, batch: list[tuple[Any, concurrent.futures.Future]]) -> None:
+    def _run(self, batch: list[tuple[Any, concurrent.futures.Future, float]]) -> None:
+        outcomes: list[Outcome] = []
         try:
-            outcomes = self.service.score([spec for spec, _ in batch], self.kwargs, timeout_s=self.timeout_s,
+            deadline = min(submitted for _, _, submitted in batch) + self.timeout_s
+            outcomes = self.service.score([spec for spec, _, _ in batch], self.kwargs, deadline=deadline,
                                           task_retries=self.task_retries)
         except BaseException as exc:  # noqa: BLE001 - every caller gets an answer
             outcomes = [Outcome.failed(f"{type(exc).__name__}: {exc}") for _ in batch]
-        for (_, future), outcome in zip(batch, outcomes):
-            future.set_result(outcome)
+        finally:
+            self._slots.release()
+            for k, (_, future, _) in enumerate(batch):
+                outcome = outcomes[k] if k < len(outcomes) else Outcome.failed("the batch ended without an answer")
+                if future.set_running_or_notify_cancel():  # a caller that gave up (cancelled) is skipped
+                    future.set_result(outcome)
 
 
 _batchers: dict[tuple, Batcher] = {}
 _batchers_lock = threading.Lock()
-_batchers_pid = os.getpid()
+
+
+def _forget_batchers() -> None:
+    """In a forked child the parent's threads are gone (and its lock may be held): start afresh."""
+    global _batchers_lock
+    _batchers_lock = threading.Lock()
+    _batchers.clear()
+
+
+os.register_at_fork(after_in_child=_forget_batchers)
+
+
+def _cancel_at_exit() -> None:
+    for batcher in list(_batchers.values()):
+        batcher.service.cancel_active()
+
+
+atexit.register(_cancel_at_exit)
 
 
 def batcher_for(options: Options) -> Batcher:
     """The process's batcher for these settings: calls with the same settings share batches and connections."""
-    global _batchers_pid
     key = (options.url, options.token, json.dumps(options.reward_function_kwargs, sort_keys=True),
            options.batch_window_s, options.max_batch, options.max_parallel, options.timeout_s, options.retries,
            options.task_retries, options.request_timeout_s)
     with _batchers_lock:
-        if _batchers_pid != os.getpid():  # a forked child: the parent's threads are not here
-            _batchers.clear()
-            _batchers_pid = os.getpid()
         batcher = _batchers.get(key)
         if batcher is None:
             service = RewardService(options.url, options.token, retries=options.retries,
@@ -466,3 +547,15 @@ def batcher_for(options: Options) -> Batcher:
         return batcher
 
 
+def plain(value: Any) -> Any:
+    """JSON-ready data from what trainers hand over: OmegaConf containers (verl's Hydra settings), numpy
+    arrays and scalars (verl's parquet columns), tuples. Raises TypeError naming what cannot be sent."""
+    if value is None or isinstance(value, (str, bool, int, float)):
+        return value
+    if isinstance(value, Mapping) or (hasattr(value, "items") and hasattr(value, "keys")):
+        return {str(k): plain(v) for k, v in value.items()}
+    if hasattr(value, "tolist") and callable(value.tolist):  # numpy arrays and scalars
+        return plain(value.tolist())
+    if isinstance(value, (list, tuple)) or (hasattr(value, "__iter__") and hasattr(value, "__len__")):
+        return [plain(v) for v in value]
+    raise TypeError(f"a {type(value).__name__} cannot be sent as JSON")

@@ -33,7 +33,12 @@ def task_spec(source: Any, where: str, response: str | None = None) -> str | dic
         except ValueError as exc:
             raise SampleError(f"{where}: not a JSON object: {exc}") from None
     else:
-        spec = source
+        from pi0_reward_server.integrations.remote import plain
+
+        try:
+            spec = plain(source)
+        except TypeError as exc:
+            raise SampleError(f"{where}: {exc}") from None
     if not isinstance(spec, Mapping):
         raise SampleError(f"{where}: must be a task reference or a JSON object, got {type(spec).__name__}")
     spec = dict(spec)
