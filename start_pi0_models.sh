@@ -12,6 +12,11 @@
 # server's 426 counts too) and stop as gpu_worker. The process sees its GPU as cuda:0 ({gpu} is the
 # host's index, for names and logs); openpi's serve_policy.py binds 0.0.0.0 whatever {host} says.
 #
+# --supervise: run each server under a supervisor (python -m gpu_worker.supervise) that restarts it when it
+# exits, with backoff doubling from SUPERVISE_BACKOFF_INITIAL_S (1) to SUPERVISE_BACKOFF_MAX_S (30), and gives
+# up after SUPERVISE_MAX_RESTARTS (5) exits within SUPERVISE_WINDOW_S (300) seconds. The PID file then holds
+# the supervisor's PID; stop_pi0_models.sh stops it and its server together.
+#
 # Environment (all optional):
 #   BASE_PORT=8000  NUM_CPU_SERVERS=2  NUM_GPUS=<detected by nvidia-smi>  HOST=127.0.0.1
 #   MODEL_SERVER_CMD='... {port} ...'                         run this instead of gpu_worker (above)
@@ -21,6 +26,14 @@
 #   OMP_NUM_THREADS (CPU servers: default cores / servers)
 set -euo pipefail
 cd "$(dirname "$0")"
+supervise=0
+for arg in "$@"; do
+  case "$arg" in
+    --supervise) supervise=1 ;;
+    -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+    *) echo "error: unknown argument '$arg' (known: --supervise)" >&2; exit 2 ;;
+  esac
+done
 # shellcheck source=scripts/pids.sh
 . scripts/pids.sh
 if [ -z "${PYTHON:-}" ]; then
@@ -101,15 +114,20 @@ for ((i = 0; i < count; i++)); do
   # PI0_MODEL_SERVER_TAG marks the process (and its children) as this script's server i: the stop script
   # checks it before signalling, so a PID reused by another process is never killed.
   launch=(env "${threads_env[@]}" CUDA_VISIBLE_DEVICES=$devices PYTHONUNBUFFERED=1 PI0_MODEL_SERVER_TAG="$tag")
+  if [ "$supervise" = 1 ]; then
+    launch+=("$PYTHON" -m gpu_worker.supervise --backoff-initial-s "${SUPERVISE_BACKOFF_INITIAL_S:-1}"
+             --backoff-max-s "${SUPERVISE_BACKOFF_MAX_S:-30}" --max-restarts "${SUPERVISE_MAX_RESTARTS:-5}"
+             --window-s "${SUPERVISE_WINDOW_S:-300}" --)
+  fi
   if [ -n "${MODEL_SERVER_CMD:-}" ]; then
     cmd=${MODEL_SERVER_CMD//\{port\}/$port}
     cmd=${cmd//\{gpu\}/$devices}
     cmd=${cmd//\{host\}/$HOST}
     echo "starting $kind server $i on $HOST:$port: $cmd (log $log)"
-    "${launch[@]}" setsid nohup bash -c "$cmd" >>"$log" 2>&1 </dev/null &
+    setsid nohup "${launch[@]}" bash -c "$cmd" >>"$log" 2>&1 </dev/null &
   else
     echo "starting $kind server $i on $HOST:$port (log $log)"
-    "${launch[@]}" setsid nohup "$PYTHON" -m gpu_worker --host "$HOST" --port "$port" "${extra[@]}" >>"$log" 2>&1 </dev/null &
+    setsid nohup "${launch[@]}" "$PYTHON" -m gpu_worker --host "$HOST" --port "$port" "${extra[@]}" >>"$log" 2>&1 </dev/null &
   fi
   echo $! >"$pidfile"
 done

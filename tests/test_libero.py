@@ -187,6 +187,8 @@ def test_score_libero_against_an_openpi_server_equals_gpu_worker(start_server, m
             details.append({k: v for k, v in payload["details"][0].items() if k not in ("servers", "seconds")})
     finally:
         openpi.stop()
+    # gpu_worker names the model version of every reply; openpi's server names none.
+    assert details[0].pop("model_versions") == ["libero_tiny@init"] and "model_versions" not in details[1]
     assert details[0] == details[1]
     assert details[1]["episodes"] == 2 and details[1]["steps"] == 2 * (libero_backend.SETTLE_STEPS + 6)
     assert openpi.requests == 4 and openpi.frames_refused == 0 and openpi.model_keys_seen == 0

@@ -107,8 +107,10 @@ def score(app, body: dict) -> dict:
 
 
 def comparable(payload: dict) -> list[dict]:
-    """What must agree between servers: everything but where and how fast it ran."""
-    return [{k: v for k, v in d.items() if k not in ("servers", "seconds", "network_calls", "mean_batch_rows")}
+    """What must agree between servers: everything but where and how fast it ran, and the model versions
+    (gpu_worker names them in its replies; openpi's server names none)."""
+    return [{k: v for k, v in d.items()
+             if k not in ("servers", "seconds", "network_calls", "mean_batch_rows", "model_versions")}
             for d in payload["details"]]
 
 
@@ -141,6 +143,8 @@ def test_every_task_kind_scores_the_same_against_openpi_servers_as_against_gpu_w
         via_openpi.extensions["client_pool"].close()
     assert got["scores"] == expected["scores"]
     assert comparable(got) == comparable(expected)
+    assert all(d["model_versions"] for d in expected["details"]) and not any("model_versions" in d
+                                                                           for d in got["details"])
     assert sum(s.requests for s in openpi) > 0
     assert all(s.frames_refused == 0 and s.model_keys_seen == 0 for s in openpi)
     assert len({url for d in got["details"] for url in d["servers"]}) >= 1

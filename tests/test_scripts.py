@@ -46,8 +46,28 @@ def script_env(tmp_path):
     subprocess.run(["bash", str(ROOT / "stop_pi0_models.sh")], env=env, capture_output=True, timeout=60)
 
 
-def run(script: str, env: dict, timeout: float = 180) -> subprocess.CompletedProcess:
-    return subprocess.run(["bash", str(ROOT / script)], env=env, capture_output=True, text=True, timeout=timeout)
+def run(script: str, env: dict, timeout: float = 180, args: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(ROOT / script), *args], env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def tagged(tag: str) -> list[int]:
+    """Live processes whose environment carries PI0_MODEL_SERVER_TAG=tag."""
+    found = []
+    for environ in pathlib.Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if f"PI0_MODEL_SERVER_TAG={tag}".encode() in environ.read_bytes().split(b"\0"):
+                found.append(int(environ.parent.name))
+        except OSError:
+            continue
+    return [pid for pid in found if alive(pid)]
+
+
+def children(pid: int) -> list[int]:
+    try:
+        return [int(c) for c in pathlib.Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
 
 
 @pytest.mark.slow
@@ -178,16 +198,6 @@ def test_start_runs_any_openpi_compatible_server_from_a_command_template(script_
         assert [int(r["actions"]) for r in replies] == [int(replies[0]["actions"])] * 4
         assert {s["server"] for s in pool.status()["servers"]} == {"openpi-compatible"}
 
-    def tagged(tag: str) -> list[int]:
-        found = []
-        for environ in pathlib.Path("/proc").glob("[0-9]*/environ"):
-            try:
-                if f"PI0_MODEL_SERVER_TAG={tag}".encode() in environ.read_bytes().split(b"\0"):
-                    found.append(int(environ.parent.name))
-            except OSError:
-                continue
-        return found
-
     run_dir = (tmp_path / "run").resolve()
     processes = [pid for i in range(2) for pid in tagged(f"{run_dir}:{i}") if alive(pid)]
     servers = [pid for pid in processes if pid not in leaders]
@@ -210,3 +220,69 @@ def test_start_refuses_a_command_template_without_a_port(script_env):
     env, _ = script_env
     result = run("start_pi0_models.sh", {**env, "MODEL_SERVER_CMD": "python serve.py --port 8000"})
     assert result.returncode == 2 and "MODEL_SERVER_CMD must contain {port}" in result.stderr
+
+
+@pytest.mark.slow
+def test_supervised_server_killed_during_score_comes_back_and_stop_ends_it_all(script_env, tmp_path, make_app):
+    import threading
+
+    env, base = script_env
+    env = {**env, "SUPERVISE_BACKOFF_INITIAL_S": "0.5", "SUPERVISE_BACKOFF_MAX_S": "2"}
+    started = run("start_pi0_models.sh", env, args=("--supervise",))
+    assert started.returncode == 0, started.stderr
+    supervisors = [int((tmp_path / "run" / f"pi0_gpu{i}.pid").read_text()) for i in range(2)]
+    servers = [children(pid) for pid in supervisors]
+    assert all(len(c) == 1 for c in servers), servers  # each supervisor runs one server
+    app = make_app(model_servers=(f"ws://127.0.0.1:{base}", f"ws://127.0.0.1:{base + 1}"),
+                   health_interval_s=0.2, probe_interval_s=0.2, backoff_initial_s=0.1, backoff_max_s=0.5)
+    client = app.test_client()
+    answer: dict = {}
+    work = {"responses": [{"task": "cartpole", "episodes": 4, "seed": s} for s in range(16)],
+            "reward_function_kwargs": {"max_workers": 4}}
+    thread = threading.Thread(target=lambda: answer.update(response=client.post("/score", json=work)))
+    thread.start()
+    time.sleep(0.5)
+    killed_at = time.monotonic()
+    assert thread.is_alive()  # the /score is in flight when its server dies
+    os.kill(servers[0][0], signal.SIGKILL)
+    thread.join(120)
+    response = answer["response"]
+    assert response.status_code == 200 and not [d for d in response.get_json()["details"] if d.get("error")], \
+        response.get_json()
+    while http_status(f"http://127.0.0.1:{base}/healthz") != 200:  # back, after a 0.5 s backoff and a load
+        assert time.monotonic() - killed_at < 60, (tmp_path / "logs" / "pi0_gpu0.log").read_text()
+        time.sleep(0.1)
+    log = (tmp_path / "logs" / "pi0_gpu0.log").read_text()
+    assert "server exited (signal SIGKILL)" in log and "restarting in 0.5s" in log
+    assert alive(supervisors[0]) and children(supervisors[0]) != servers[0]
+    deadline = time.monotonic() + 30  # the pool notices through its health checks
+    while client.get("/pool_status").get_json()["totals"]["up"] != 2:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    stop = run("stop_pi0_models.sh", env)
+    assert stop.returncode == 0 and "stopped 2 model server(s)" in stop.stdout, stop.stdout + stop.stderr
+    run_dir = (tmp_path / "run").resolve()
+    deadline = time.monotonic() + 15
+    while any(tagged(f"{run_dir}:{i}") for i in range(2)):
+        assert time.monotonic() < deadline, "a supervisor or a server outlived the stop"
+        time.sleep(0.1)
+    assert "server stopped" in (tmp_path / "logs" / "pi0_gpu1.log").read_text()
+
+
+@pytest.mark.slow
+def test_a_crash_looping_supervised_server_is_given_up_on(script_env, tmp_path):
+    env, _ = script_env
+    env = {**env, "NUM_CPU_SERVERS": "1", "MODEL_SERVER_CMD": "echo crashing on {port}; exit 3",
+           "SUPERVISE_BACKOFF_INITIAL_S": "0.05", "SUPERVISE_MAX_RESTARTS": "2", "SUPERVISE_WINDOW_S": "60"}
+    result = run("start_pi0_models.sh", env, args=("--supervise",), timeout=60)
+    assert result.returncode == 1 and "server 0" in result.stderr and "exited" in result.stderr
+    log = (tmp_path / "logs" / "pi0_gpu0.log").read_text()
+    assert log.count("\ncrashing on") == 3  # the first run and two restarts (each line starts with it)
+    assert "giving up: the server exited 3 times within 60s (crash loop; last: exit code 3" in log
+    assert "giving up" in result.stderr  # the start script shows the log's last lines
+
+
+def test_start_refuses_an_unknown_argument(script_env):
+    env, _ = script_env
+    result = run("start_pi0_models.sh", env, args=("--superivse",))
+    assert result.returncode == 2 and "unknown argument '--superivse'" in result.stderr
