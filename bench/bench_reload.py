@@ -22,6 +22,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 
 import numpy as np
 import torch
@@ -152,15 +153,15 @@ def main() -> int:
         deadline = time.monotonic() + 120
         while True:
             try:
-                with ModelClient(url):
-                    break
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2):
+                    break  # 200: loaded (503 while loading raises)
             except OSError:
                 if time.monotonic() > deadline or server.poll() is not None:
                     raise RuntimeError("the model server did not start")
                 time.sleep(0.2)
         results = {}
         for name in names:
-            results[name] = {"weights_mb": round(sizes[name], 2),
+            results[name] = {"weights_mb": round(sizes[name], 3),
                              **measure(url, name, checkpoints[name], args.clients, args.before_s, args.after_s)}
     finally:
         server.terminate()

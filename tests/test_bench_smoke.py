@@ -56,3 +56,16 @@ def test_jobs_and_lerobot_benchmarks_run(tmp_path):
     assert {"memory", "sqlite"} <= set(json.loads(jobs_out.read_text())["stores"])
     if len(runs) == 2:
         assert json.loads(lerobot_out.read_text())["throughput"]["2"]["batched"]["requests_per_s"] > 0
+
+
+@pytest.mark.slow
+def test_reload_benchmark_runs(tmp_path):
+    out = tmp_path / "reload.json"
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_reload.py"), "--models", "cartpole,large_mlp",
+                             "--large-width", "128", "--clients", "2", "--before-s", "0.3", "--after-s", "0.3",
+                             "--out", str(out)], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    models = json.loads(out.read_text())["models"]
+    assert set(models) == {"cartpole", "large_mlp"}
+    assert all(m["failed_requests"] == 0 and m["served_new_after"] and len(m["versions_seen"]) == 2
+               for m in models.values())
