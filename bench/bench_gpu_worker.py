@@ -290,6 +290,9 @@ def main() -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")
     print(f"\nwrote {out}")
+    from bench.plots import plot_results
+
+    plot_results(out)
     return 0
 
 

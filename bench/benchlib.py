@@ -53,3 +53,6 @@ def write_results(path: str | pathlib.Path, results: dict) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")
     print(f"\nwrote {out}")
+    from bench.plots import plot_results
+
+    plot_results(out)  # a PNG beside it, where the results have a plot and matplotlib is installed

@@ -110,6 +110,7 @@ class DynamicBatcher:
         max_wait_s: float = 0.001,
         max_queue: int = 1024,
         version: str = "init",
+        on_batch: Callable[[int, float, list[float]], None] | None = None,
     ) -> None:
         if not isinstance(max_batch_size, int) or max_batch_size < 1:
             raise ValueError(f"max_batch_size must be an integer >= 1, got {max_batch_size!r}")
@@ -119,6 +120,7 @@ class DynamicBatcher:
             raise ValueError(f"max_queue must be an integer >= 1, got {max_queue!r}")
         self._infer_batch = infer_batch
         self.version = version
+        self._on_batch = on_batch  # metrics: (rows, inference seconds, each request's queue wait in seconds)
         self.name = name
         self.max_batch_size = max_batch_size
         self.max_wait_s = float(max_wait_s)
@@ -168,6 +170,10 @@ class DynamicBatcher:
     @property
     def queued_rows(self) -> int:
         return self._queued_rows
+
+    @property
+    def queued_requests(self) -> int:
+        return len(self._queue)
 
     @property
     def busy(self) -> bool:
@@ -262,6 +268,11 @@ class DynamicBatcher:
         infer_ms = (time.monotonic() - started) * 1000
         self.batches += 1
         self.rows_served += rows
+        if self._on_batch is not None:
+            try:
+                self._on_batch(rows, infer_ms / 1000, [started - r.enqueued_at for r in batch])
+            except Exception:  # noqa: BLE001 - metrics never fail a batch
+                logger.warning("batch metrics failed", exc_info=True)
         offset = 0
         for request in batch:
             timing = BatchTiming(

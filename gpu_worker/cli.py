@@ -32,6 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="environment variable holding an API key clients must send as 'Authorization: Api-Key <key>' "
         "(default GPU_WORKER_API_KEY; unset or empty: no key)",
     )
+    net.add_argument("--metrics-public", action="store_true", default=None,
+                     help="serve GET /metrics without the API key (default: it needs the key when one is set)")
     net.add_argument("--codec-offload-bytes", type=int, help="frames this large are (de)coded off the event loop (default 64 KiB)")
     models = parser.add_argument_group("models")
     models.add_argument(
@@ -58,7 +60,7 @@ def config_from_args(argv: list[str] | None = None) -> ServerConfig:
         values = load_config_file(args.config) if args.config else {}
         for field in (
             "host", "port", "max_message_bytes", "codec_offload_bytes", "device", "max_batch_size",
-            "max_wait_ms", "max_queue", "shutdown_grace_s", "log_level",
+            "max_wait_ms", "max_queue", "shutdown_grace_s", "log_level", "metrics_public",
         ):
             value = getattr(args, field)
             if value is not None:

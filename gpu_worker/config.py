@@ -61,6 +61,7 @@ class ServerConfig:
     codec_offload_bytes: int = 64 * 1024  # frames/replies this large are (de)coded off the event loop
     max_connections: int = 1024
     api_key: str | None = None  # when set, WebSocket clients must send "Authorization: Api-Key <key>"
+    metrics_public: bool = False  # GET /metrics without the API key (for a Prometheus on a private network)
     # Models
     models: tuple[ModelConfig, ...] = ()
     device: str = "auto"
@@ -95,6 +96,8 @@ class ServerConfig:
             raise ConfigError(f"device {self.device!r} must be auto, cpu, cuda or cuda:N")
         if self.api_key is not None and (not isinstance(self.api_key, str) or len(self.api_key) < 8):
             raise ConfigError("api_key must be a string of at least 8 characters (or unset)")
+        if not isinstance(self.metrics_public, bool):
+            raise ConfigError(f"metrics_public must be true or false, got {self.metrics_public!r}")
         if self.log_level.upper() not in LOG_LEVELS:
             raise ConfigError(f"log_level {self.log_level!r} must be one of {', '.join(LOG_LEVELS)}")
         object.__setattr__(self, "log_level", self.log_level.upper())

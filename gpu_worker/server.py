@@ -34,6 +34,8 @@ from gpu_worker.config import ConfigError, ServerConfig, ws_url
 from gpu_worker.model import ModelLoadError, Policy, load_model
 from gpu_worker.protocol import ParsedFrame, ProtocolError, build_reply, parse_frame
 from gpu_worker import reload as reloading
+from gpu_worker.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from gpu_worker.metrics import ServerMetrics
 
 logger = logging.getLogger("gpu_worker")
 
@@ -92,6 +94,7 @@ class ModelServer:
         self._codec = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="codec")
         self._reloading: set[str] = set()  # models with a reload under way
         self.free_bytes = reloading.free_bytes  # memory a second copy may use on a device (a seam for tests)
+        self.metrics = ServerMetrics(self)
 
     # -- lifecycle --------------------------------------------------------
     async def start(self) -> int:
@@ -155,6 +158,7 @@ class ModelServer:
                 max_wait_s=self.config.max_wait_ms / 1000,
                 max_queue=self.config.max_queue,
                 version=version,
+                on_batch=self.metrics.observer(spec.name),
             )
             batcher.start()
             self.models[spec.name] = HostedModel(spec.name, spec.target, spec.checkpoint, policy, batcher, version,
@@ -279,8 +283,21 @@ class ModelServer:
         scheme, _, key = request.headers.get("Authorization", "").partition(" ")
         return scheme.lower() == "api-key" and hmac.compare_digest(key.strip().encode(), self.config.api_key.encode())
 
+    @property
+    def open_connections(self) -> int:
+        return len(self._server.connections) if self._server is not None else 0
+
     def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
         path = request.path.split("?", 1)[0]
+        if path == "/metrics" and (self.config.metrics_public or not self.config.api_key
+                                   or self._authorized(request)):
+            response = connection.respond(200, "")
+            response.body = self.metrics.render()
+            del response.headers["Content-Type"]
+            del response.headers["Content-Length"]
+            response.headers["Content-Type"] = METRICS_CONTENT_TYPE
+            response.headers["Content-Length"] = str(len(response.body))
+            return response
         if path == "/healthz":
             if self.ready and not self.draining:
                 return connection.respond(200, "OK\n")
@@ -378,27 +395,38 @@ class ModelServer:
 
     async def _answer(self, frame: bytes | str, model: str, prev_total_ms: float | None) -> bytes | str:
         if isinstance(frame, str):
+            self.metrics.error("bad_request")
             return "text frames are not accepted: send one msgpack-encoded observation per binary frame (openpi wire format)"
         if self.draining:
+            self.metrics.error("shutting_down")
             return "server is shutting down; send this request to another server"
         try:
             parsed = await self._offload(len(frame), self._decode, frame, model)
         except (ProtocolError, wire.WireError) as exc:
+            self.metrics.error("bad_request")
             return f"bad request: {exc}"
         except Exception as exc:  # anything else a hostile frame can provoke (RecursionError, MemoryError, ...)
             logger.warning("frame from a client could not be parsed: %s: %s", type(exc).__name__, exc)
+            self.metrics.error("bad_request")
             return f"bad request: {type(exc).__name__}: {exc}"
         hosted = self.models[parsed.model]
         try:
             future = hosted.batcher.submit(BatchRequest(parsed.inputs, parsed.rows))
-        except (Overloaded, ShuttingDown) as exc:
+        except Overloaded as exc:
+            self.metrics.error("overloaded")
+            return str(exc)
+        except ShuttingDown as exc:
+            self.metrics.error("shutting_down")
             return str(exc)
         try:
             result = await asyncio.wrap_future(future)
         except ShuttingDown as exc:
+            self.metrics.error("shutting_down")
             return f"server is shutting down: {exc}"
         except Exception as exc:
+            self.metrics.error("model_error")
             return f"model {parsed.model!r} failed: {type(exc).__name__}: {exc}"
+        self.metrics.answered(parsed.model, parsed.rows)
         timing = {
             "infer_ms": result.timing.infer_ms,
             "queue_ms": result.timing.queue_ms,

@@ -1,5 +1,5 @@
 """The reward app: ``POST /score``, jobs (``POST /jobs``, ``GET /jobs``, ``GET|DELETE /jobs/<id>``,
-``GET /jobs/<id>/events``), ``GET /pool_status``, ``GET /health``.
+``GET /jobs/<id>/events``), ``GET /pool_status``, ``GET /health``, ``GET /metrics``, ``GET /dashboard``.
 
 Run it with ``flask --app 'pi0_reward_server.app:create_app()' run`` in
 development or ``gunicorn -c pi0_reward_server/gunicorn_config.py
@@ -23,6 +23,7 @@ from typing import Any, Mapping
 from flask import Flask, Response, jsonify, request, stream_with_context
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
+from pi0_reward_server import metrics
 from pi0_reward_server.client_pool import ClientPool
 from pi0_reward_server.config import AppConfig, load_config
 from pi0_reward_server.integrations.openrlhf import blueprint as openrlhf_blueprint
@@ -58,11 +59,13 @@ class Admission:
             if self.inflight + n > self.limit:
                 return False
             self.inflight += n
-            return True
+        metrics.inflight_tasks.inc(n)
+        return True
 
     def release(self, n: int) -> None:
         with self._lock:
             self.inflight -= n
+        metrics.inflight_tasks.dec(n)
 
 
 def create_app(config: AppConfig | Mapping[str, Any] | None = None, *, pool: ClientPool | None = None) -> Flask:
@@ -236,17 +239,24 @@ def create_app(config: AppConfig | Mapping[str, Any] | None = None, *, pool: Cli
                                           field="Idempotency-Key", job_id=existing[0]), 422)
                 return (existing[0], False), None
         if pool.healthy_servers == 0:
+            metrics.admission_rejections.labels("no_model_server").inc()
             return None, retry_later(503, "no model server is usable; see /pool_status")
         if not admission.acquire(len(tasks)):
+            metrics.admission_rejections.labels("busy").inc()
             return None, retry_later(429, f"busy: {admission.inflight} tasks in flight in this worker "
                                           f"(max_inflight_tasks={settings.max_inflight_tasks}); retry later")
         try:
-            return jobs.submit(body, tasks, max_workers=max_workers, deadline=deadline,
-                               use_cache=kwargs.get("cache", True), idempotency_key=key, immediate=immediate,
-                               on_end=lambda: admission.release(len(tasks))), None
+            submitted = jobs.submit(body, tasks, max_workers=max_workers, deadline=deadline,
+                                    use_cache=kwargs.get("cache", True), idempotency_key=key, immediate=immediate,
+                                    on_end=lambda: admission.release(len(tasks)))
+            rule = request.url_rule.rule if request.url_rule is not None else ""
+            metrics.jobs_submitted.labels("openrlhf" if rule.startswith("/openrlhf") else
+                                          "score" if immediate else "jobs").inc()
+            return submitted, None
         except BaseException as exc:  # the job never started: its tasks were never admitted
             admission.release(len(tasks))
             if isinstance(exc, StoreError):
+                metrics.admission_rejections.labels("store").inc()
                 return None, retry_later(503, f"the job store is not usable: {store_message(exc)}")
             raise
 
@@ -467,10 +477,55 @@ def create_app(config: AppConfig | Mapping[str, Any] | None = None, *, pool: Cli
             raise RequestEntityTooLarge(f"the body is larger than max_body_bytes ({settings.max_body_bytes} bytes)")
         return None
 
+    @app.before_request
+    def start_clock():
+        request.environ["pi0.started"] = time.monotonic()
+
     @app.after_request
     def name_the_worker(response):
         response.headers["X-Reward-Worker"] = str(os.getpid())  # which gunicorn worker answered
+        route = request.url_rule.rule if request.url_rule is not None else "unmatched"
+        metrics.http_requests.labels(route, request.method, str(response.status_code)).inc()
+        started = request.environ.get("pi0.started")
+        if started is not None:
+            metrics.http_seconds.labels(route).observe(time.monotonic() - started)
         return response
+
+    @app.get("/metrics")
+    def prometheus_metrics():
+        """Prometheus text format, across every worker process (see :mod:`pi0_reward_server.metrics`)."""
+        if not authorized():
+            return unauthorized()
+        return Response(metrics.render(), mimetype=None, content_type=metrics.CONTENT_TYPE)
+
+    @app.get("/dashboard")
+    def dashboard():
+        """A static page (no data in it) that polls ``/dashboard/data`` with the token it is given."""
+        page = pathlib.Path(__file__).with_name("static") / "dashboard.html"
+        return Response(page.read_bytes(), content_type="text/html; charset=utf-8",
+                        headers={"Cache-Control": "no-cache", "X-Frame-Options": "DENY",
+                                 "Content-Security-Policy": "default-src 'self'; script-src 'self' 'unsafe-inline'; "
+                                                            "style-src 'self' 'unsafe-inline'; img-src 'self' data:"})
+
+    @app.get("/dashboard/data")
+    def dashboard_data():
+        """What the dashboard shows: the pool, the recent jobs with progress, counter totals across workers."""
+        if not authorized():
+            return unauthorized()
+        items, total = store.list(limit=12, offset=0)
+        active = store.list_active(10)  # long jobs stay in view however many short ones came after them
+        ids = {i["id"] for i in active}
+        shown = active + [i for i in items if i["id"] not in ids][:max(4, 12 - len(active))]
+        recent = []
+        for item in shown:
+            job = store.get(item["id"])
+            if job is not None:
+                view = job_view(job)
+                view.pop("result", None)
+                view.pop("partial_scores", None)
+                recent.append(view)
+        return jsonify(time=time.time(), worker=os.getpid(), pool=pool.status(), jobs=recent, jobs_total=total,
+                       totals=metrics.totals(), servers=metrics.server_totals(), inflight_tasks=admission.inflight)
 
     @app.errorhandler(StoreError)
     def store_failed(exc: StoreError):

@@ -54,6 +54,7 @@ import numpy as np
 import websockets
 
 from gpu_worker.client import ModelClient, ServerError, admin_call
+from pi0_reward_server import metrics
 from gpu_worker.wire import WireError
 
 logger = logging.getLogger(__name__)
@@ -119,6 +120,7 @@ class _Server:
     explicit_batch: bool | None = None  # None until a connection has read the metadata
     versions: dict = dataclasses.field(default_factory=dict)  # hosted model -> version, from the metadata
     default_model: str | None = None
+    batch_rows: collections.deque = dataclasses.field(default_factory=lambda: collections.deque(maxlen=256))
 
     @property
     def load(self) -> int:
@@ -146,6 +148,7 @@ class ClientPool:
         retries: int = 2,
         api_key: str | None = None,
         client_factory: Callable[..., ModelClient] = ModelClient,
+        report_gauges: bool = True,
     ) -> None:
         if not urls:
             raise ValueError("a ClientPool needs at least one model server URL")
@@ -164,6 +167,7 @@ class ClientPool:
         self.retries = retries
         self._api_key = api_key
         self._client_factory = client_factory
+        self._report_gauges = report_gauges  # the per-server gauges: the app's own pool, not its helpers'
         self._cond = threading.Condition()
         self._fanout: concurrent.futures.ThreadPoolExecutor | None = None
         self._probe: tuple[dict[str, Any], str | None] | None = None  # (observation, model) some server answered
@@ -446,8 +450,10 @@ class ClientPool:
                 keep = _keeps_connection_after_error(conn)
                 self._release(server, conn, keep=keep)
                 self._record_error(server, message)
+                metrics.pool_errors.labels(server.url).inc()
                 if not message.startswith(_RETRYABLE_REPLIES):
                     raise
+                metrics.pool_retries.labels(server.url).inc()
                 tried.add(server)
                 last_error = f"{server.url}: {message}"
                 time.sleep(min(0.05 * 2**attempt, 1.0))  # back off before asking again
@@ -463,6 +469,8 @@ class ClientPool:
                     self._mark_down(server, message, needs_inference=True)
                 else:
                     self._record_error(server, message + " (it answered others meanwhile: slow, not hung)")
+                metrics.pool_errors.labels(server.url).inc()
+                metrics.pool_retries.labels(server.url).inc()
                 tried.add(server)
                 last_error = f"{server.url}: timed out after {self.request_timeout_s:g}s ({exc})"
                 continue
@@ -472,6 +480,8 @@ class ClientPool:
                     self._record_error(server, f"{type(exc).__name__}: {exc}")
                     raise RequestRejected(f"{server.url} refused the request: {exc}") from exc
                 self._mark_down(server, f"{type(exc).__name__}: {exc}")
+                metrics.pool_errors.labels(server.url).inc()
+                metrics.pool_retries.labels(server.url).inc()
                 tried.add(server)
                 last_error = f"{server.url}: {type(exc).__name__}: {exc}"
                 continue
@@ -486,6 +496,9 @@ class ClientPool:
                 server.requests += 1
                 server.last_reply_at = time.monotonic()
                 server.latencies_ms.append((server.last_reply_at - started) * 1000)
+            metrics.pool_requests.labels(server.url).inc()
+            metrics.pool_seconds.labels(server.url).observe(server.last_reply_at - started)
+            with self._cond:
                 if server.needs_inference:  # it rejoined without a probe (none was known) and has now answered
                     server.needs_inference = False
                     server.backoff_s = 0.0
@@ -617,8 +630,16 @@ class ClientPool:
 
     def _maintain(self) -> None:
         """Start each due check on its own thread: a server that hangs a probe delays no other server."""
+        observed = 0.0
         while not self._closed:
             now = time.monotonic()
+            if self._report_gauges and now - observed >= 1.0:  # the metrics' view of each server, once a second
+                observed = now
+                with self._cond:
+                    view = [(s.url, s.state == UP, s.busy) for s in self._servers]
+                for url, up, busy in view:
+                    metrics.pool_up.labels(url).set(1 if up else 0)
+                    metrics.pool_in_flight.labels(url).set(busy)
             with self._cond:
                 due = [s for s in self._servers if not s.checking and (
                     (s.state != UP and now >= s.next_check)
@@ -691,6 +712,7 @@ class ClientPool:
                     "reconnect_in_s": round(max(0.0, s.reconnect_at - time.monotonic()), 2) if s.state == DOWN else None,
                     "needs_inference": s.needs_inference,
                     "versions": dict(s.versions),
+                    "batch_rows_mean": round(float(np.mean(s.batch_rows)), 2) if s.batch_rows else None,
                 })
         return {
             "servers": servers,
@@ -711,6 +733,10 @@ def _note_version(server: _Server, result: Any) -> None:
     model = first.get("model") if isinstance(first, dict) else None
     if isinstance(model, dict) and isinstance(model.get("name"), str) and model.get("version") is not None:
         server.versions[model["name"]] = str(model["version"])
+    timing = first.get("server_timing") if isinstance(first, dict) else None
+    rows = timing.get("batch_size") if isinstance(timing, dict) else None
+    if isinstance(rows, (int, float)) and not isinstance(rows, bool):
+        server.batch_rows.append(rows)  # the size of the forward pass that answered (gpu_worker reports it)
 
 
 def _probe_from_metadata(conn: ModelClient) -> tuple[dict[str, Any], str | None] | None:

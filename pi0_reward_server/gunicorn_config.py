@@ -10,6 +10,8 @@
 * A long timeout (1800 s): a ``/score`` of many long rollouts is legitimately slow.
 * The worker is gthread's, refusing new connections with a fast 503 and
   ``Retry-After`` while it drains on SIGTERM (``gunicorn_worker.py``).
+* Metrics add up across workers (prometheus-client's multiprocess mode, in
+  ``PROMETHEUS_MULTIPROC_DIR``, created empty here and cleaned on exit).
 * The access log holds no secret: no user field (gunicorn would decode a Basic
   auth user name), the path without its query string, no referer.
 """
@@ -44,6 +46,39 @@ loglevel = os.environ.get("GUNICORN_LOGLEVEL", "info")
 pidfile = os.environ.get("GUNICORN_PIDFILE") or None
 # gunicorn >= 23 opens a control socket at one fixed path per user; two apps on one box
 # would fight over it, and nothing here uses it.
+
+
+# Metrics across workers: prometheus-client's multiprocess mode keeps each worker's values in files in
+# one directory, which must exist, empty, before the workers import it. An operator's own directory
+# (PROMETHEUS_MULTIPROC_DIR) is emptied at start; otherwise a fresh one is made and removed at exit.
+_metrics_dir_is_ours = not os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+if _metrics_dir_is_ours:
+    import tempfile
+
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="pi0-reward-metrics-")
+
+
+def on_starting(server) -> None:
+    import pathlib
+
+    folder = pathlib.Path(os.environ["PROMETHEUS_MULTIPROC_DIR"])
+    folder.mkdir(parents=True, exist_ok=True)
+    for stale in folder.glob("*.db"):  # an earlier run's counts are not this run's
+        stale.unlink()
+
+
+def child_exit(server, worker) -> None:
+    """A worker that is gone: its live gauges (in-flight tasks, servers up) no longer count."""
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)
+
+
+def on_exit(server) -> None:
+    if _metrics_dir_is_ours:
+        import shutil
+
+        shutil.rmtree(os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)
 
 
 def worker_exit(server, worker) -> None:

@@ -6,6 +6,7 @@ bash scripts/install.sh
 bash scripts/install_libero.sh  # the LIBERO backend's tests run too
 bash scripts/install_lerobot.sh  # and the LeRobot policies' (a tiny SmolVLA built offline)
 bash scripts/install_trl.sh     # TRL: a real GRPOTrainer run scores with the TRL adapter
+bash scripts/install_browser.sh # Debian's chromium and Playwright: the dashboard in a real browser
 bash scripts/install_redis.sh    # Debian's redis-server: the Redis job store's tests start their own
 export OPENPI_CLIENT_PYTHON=${OPENPI_CLIENT_PYTHON:-$PWD/.venv-openpi/bin/python}
 exec .venv/bin/python -m pytest -ra "$@"

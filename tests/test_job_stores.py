@@ -91,6 +91,15 @@ def test_the_store_contract(store):
 
     page, total = store.list(limit=2, offset=0)
     assert total == 2 and [j["id"] for j in page] == ["j3", "j1"] and page[1]["done"] == 2
+    assert store.list_active() == []  # both ended
+    store.create_job("j4", {}, [{"n": 1}], [1])
+    time.sleep(0.01)
+    store.create_job("j5", {}, [{"n": 1}, {"n": 2}], [1, 1])
+    store.start_job("j5", "host:1")
+    store.finish_task("j5", 0, 1.0, {"score": 1.0, "error": None})
+    active = store.list_active()
+    assert [(j["id"], j["state"], j["done"]) for j in active] == [("j5", "running", 1), ("j4", "queued", 0)]
+    assert [j["id"] for j in store.list_active(1)] == ["j5"]
     assert store.cached("key") is None
     store.remember("key", {"score": 1.0})
     assert store.cached("key") == {"score": 1.0}

@@ -36,7 +36,8 @@ def _init_worker(urls: list[str], pool_options: dict[str, Any], parent: int) -> 
 
     _exit_with_parent(parent)
     render_check()
-    _worker_pool = ClientPool(urls, **pool_options).start(wait_s=pool_options.get("connect_timeout_s", 5))
+    _worker_pool = ClientPool(urls, report_gauges=False, **pool_options).start(
+        wait_s=pool_options.get("connect_timeout_s", 5))
 
 
 def _cached_make_env(bddl: str, seed: int, horizon: int):

@@ -27,6 +27,7 @@ import time
 import uuid
 from typing import Callable
 
+from pi0_reward_server import metrics
 from pi0_reward_server.jobs.store_sqlite import TERMINAL
 from pi0_reward_server.jobs.tracking import TaskTracker
 from pi0_reward_server.kinds.registry import models_of, units_of
@@ -134,6 +135,7 @@ class JobRunner:
                                                               "finished tasks keep their results; resubmit for the rest")
             except Exception:  # noqa: BLE001 - the store may be what failed; the stale sweep marks it later
                 logger.error("could not mark job %s failed at shutdown", job_id, exc_info=True)
+            metrics.jobs_ended.labels("failed").inc()
             job.cancel.set()
             self._end(job_id)
 
@@ -192,6 +194,7 @@ class JobRunner:
                 if hit is not None:
                     details[i] = {**hit, "cached": True}
                     self.store.finish_task(job_id, i, hit["score"], details[i], cached=True)
+                    metrics.task_ended(tasks[i].backend, details[i])
                 else:
                     pending.append(i)
 
@@ -199,6 +202,7 @@ class JobRunner:
                 i = pending[k]
                 details[i] = {**result.to_dict(), "cached": False}
                 self.store.finish_task(job_id, i, result.score, details[i])
+                metrics.task_ended(tasks[i].backend, details[i])
                 # Cache only a clean result, and only if the model versions are still those it started with
                 # and those its replies named (a server restarted or reloaded with other weights mid-job must
                 # not file its results under the old key).
@@ -221,8 +225,10 @@ class JobRunner:
                 "seconds": time.monotonic() - started,
             }
             self.store.finish_job(job_id, "cancelled" if cancel.is_set() else "done", result)
+            metrics.jobs_ended.labels("cancelled" if cancel.is_set() else "done").inc()
         except Exception as exc:  # noqa: BLE001 - the job must end, with the reason
             logger.error("job %s failed", job_id, exc_info=True)
+            metrics.jobs_ended.labels("failed").inc()
             try:
                 self.store.finish_job(job_id, "failed", error=f"{type(exc).__name__}: {exc}")
             except Exception:  # noqa: BLE001 - the store itself is failing; the heartbeat sweep will mark it

@@ -116,6 +116,13 @@ class MemoryStore:
                     for j in jobs[offset:offset + limit]]
             return page, len(jobs)
 
+    def list_active(self, limit=10):
+        with self._lock:
+            jobs = sorted((j for j in self._jobs.values() if j["state"] in ("queued", "running")),
+                          key=lambda j: j["created"], reverse=True)[:limit]
+            return [{k: j[k] for k in ("id", "state", "created", "started", "finished", "total", "error")}
+                    | {"done": sum(t["state"] in ("done", "failed") for t in j["tasks"])} for j in jobs]
+
     def fail_stale(self, older_than_s):
         return []  # the jobs of this process die with it
 

@@ -206,6 +206,16 @@ class RedisStore:
             page.append(summary)
         return page, total
 
+    def list_active(self, limit=10):
+        page = []
+        for job_id in self._call(self._redis.smembers, self._key("active")):  # only queued and running jobs
+            job = self.get(job_id)
+            if job is not None and job["state"] in ("queued", "running"):
+                summary = {k: job[k] for k in ("id", "state", "created", "started", "finished", "total", "error")}
+                summary["done"] = sum(t["state"] in ("done", "failed") for t in job["tasks"])
+                page.append(summary)
+        return sorted(page, key=lambda j: j["created"], reverse=True)[:limit]
+
     def fail_stale(self, older_than_s):
         cutoff = time.time() - older_than_s
         stale = []

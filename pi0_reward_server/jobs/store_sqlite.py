@@ -225,6 +225,13 @@ class SQLiteStore:
                           "FROM jobs j ORDER BY j.created DESC LIMIT ? OFFSET ?", (limit, offset))
         return [dict(r) for r in rows], total
 
+    def list_active(self, limit: int = 10) -> list[dict]:
+        """Queued and running jobs, newest first (the dashboard keeps long jobs in view)."""
+        rows = self._read("SELECT j.id, j.state, j.created, j.started, j.finished, j.total, j.error, "
+                          "(SELECT COUNT(*) FROM tasks t WHERE t.job_id = j.id AND t.state IN ('done', 'failed')) AS done "
+                          "FROM jobs j WHERE j.state IN ('queued', 'running') ORDER BY j.created DESC LIMIT ?", (limit,))
+        return [dict(r) for r in rows]
+
     def fail_stale(self, older_than_s: float) -> list[str]:
         """Jobs queued or running whose owner stopped beating: failed, with the reason."""
         cutoff = time.time() - older_than_s
