@@ -13,28 +13,38 @@ import sys
 from typing import Any, Callable
 
 
-def _gpu_worker(data: dict, plt) -> Any:
+LABELS = {"gpu_worker": "gpu_worker", "batched": "gpu_worker (batching)", "one_at_a_time": "gpu_worker, batch 1",
+          "serial": "serial openpi-style server", "serial_openpi_style": "serial openpi-style server"}
+
+
+def _throughput(data: dict, plt) -> Any:
+    """Throughput and latency against concurrency for every server measured (bench_gpu_worker,
+    bench_lerobot), with the direct forward at batch N."""
     clients = sorted(data["throughput"], key=int)
     x = [int(c) for c in clients]
+    servers = [k for k, v in data["throughput"][clients[0]].items() if isinstance(v, dict) and "requests_per_s" in v]
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    left.plot(x, [data["throughput"][c]["gpu_worker"]["requests_per_s"] for c in clients], "o-", label="gpu_worker")
-    left.plot(x, [data["throughput"][c]["serial"]["requests_per_s"] for c in clients], "s-",
-              label="serial openpi-style server")
-    left.plot(x, [data["throughput"][c]["direct_batched_rps"] for c in clients], "^--",
-              label="direct forward at batch N")
-    model = data.get("compute_model", "model")
+    for server, marker in zip(servers, "osDv"):
+        left.plot(x, [data["throughput"][c][server]["requests_per_s"] for c in clients], marker + "-",
+                  label=LABELS.get(server, server))
+        right.plot(x, [data["throughput"][c][server]["p50_ms"] for c in clients], marker + "-",
+                   label=f"{LABELS.get(server, server)} p50")
+        right.plot(x, [data["throughput"][c][server]["p99_ms"] for c in clients], marker + ":",
+                   label=f"{LABELS.get(server, server)} p99")
+    if all("direct_batched_rps" in data["throughput"][c] for c in clients):
+        left.plot(x, [data["throughput"][c]["direct_batched_rps"] for c in clients], "^--",
+                  label="direct forward at batch N")
+    model = data.get("compute_model") or data.get("model") or "model"
     if isinstance(model, dict):
-        model = f"MLP {model.get('width')} x {model.get('depth')}"
+        model = (f"MLP {model.get('width')} x {model.get('depth')}" if "width" in model else
+                 " ".join(str(model[k]) for k in ("type", "size") if k in model) or "model")
     left.set(xscale="log", yscale="log", xlabel="concurrent clients", ylabel="requests / s",
              title=f"Throughput ({model}, {data.get('device', 'cpu')})")
     left.set_xticks(x, [str(v) for v in x])
     left.legend(fontsize=8)
-    for server, marker in (("gpu_worker", "o"), ("serial", "s")):
-        right.plot(x, [data["throughput"][c][server]["p50_ms"] for c in clients], marker + "-", label=f"{server} p50")
-        right.plot(x, [data["throughput"][c][server]["p99_ms"] for c in clients], marker + ":", label=f"{server} p99")
     right.set(xscale="log", xlabel="concurrent clients", ylabel="ms", title="Latency percentiles")
     right.set_xticks(x, [str(v) for v in x])
-    right.legend(fontsize=8)
+    right.legend(fontsize=7)
     return fig
 
 
@@ -92,7 +102,7 @@ def _score(data: dict, plt) -> Any:
     return fig
 
 
-PLOTTERS: dict[str, Callable] = {"throughput": _gpu_worker, "batched": _selfplay, "models": _reload,
+PLOTTERS: dict[str, Callable] = {"throughput": _throughput, "batched": _selfplay, "models": _reload,
                                  "phases": _load, "points": _score}
 
 
@@ -112,7 +122,12 @@ def plot_results(json_path: str | pathlib.Path) -> pathlib.Path | None:
     except ImportError:
         print("matplotlib is not installed (pip install -e '.[bench]'): no plot drawn")
         return None
-    fig = plotter(data, plt)
+    try:
+        fig = plotter(data, plt)
+    except (KeyError, TypeError, ValueError, IndexError) as exc:  # a shape this module does not know: no plot
+        print(f"no plot drawn for {path.name}: {type(exc).__name__}: {exc}")
+        plt.close("all")
+        return None
     fig.tight_layout()
     out = path.with_suffix(".png")
     fig.savefig(out, dpi=90)
