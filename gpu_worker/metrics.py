@@ -69,6 +69,7 @@ class ServerMetrics:
         for kind in ERROR_KINDS:
             self.errors.labels(kind)  # present at 0 from the start: a rate needs a first sample
         self.registry.register(_Live(server))
+        self._answered: dict[str, tuple] = {}
 
     def observer(self, model: str) -> Callable[[int, float, list[float]], None]:
         """The batcher's per-batch callback: (rows, inference seconds, each request's queue wait)."""
@@ -85,8 +86,11 @@ class ServerMetrics:
         return observe
 
     def answered(self, model: str, rows: int) -> None:
-        self.requests.labels(model).inc()
-        self.rows.labels(model).inc(rows)
+        children = self._answered.get(model)
+        if children is None:  # labels() costs a lock and a lookup: once per model, not per request
+            children = self._answered[model] = (self.requests.labels(model), self.rows.labels(model))
+        children[0].inc()
+        children[1].inc(rows)
 
     def error(self, kind: str) -> None:
         self.errors.labels(kind).inc()
