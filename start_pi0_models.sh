@@ -14,8 +14,8 @@
 #
 # --supervise: run each server under a supervisor (python -m gpu_worker.supervise) that restarts it when it
 # exits, with backoff doubling from SUPERVISE_BACKOFF_INITIAL_S (1) to SUPERVISE_BACKOFF_MAX_S (30), and gives
-# up after SUPERVISE_MAX_RESTARTS (5) exits within SUPERVISE_WINDOW_S (300) seconds. The PID file then holds
-# the supervisor's PID; stop_pi0_models.sh stops it and its server together.
+# up after more than SUPERVISE_MAX_RESTARTS (5) runs in a row shorter than SUPERVISE_STABLE_S (300) seconds.
+# The PID file then holds the supervisor's PID; stop_pi0_models.sh stops it and its server together.
 #
 # Environment (all optional):
 #   BASE_PORT=8000  NUM_CPU_SERVERS=2  NUM_GPUS=<detected by nvidia-smi>  HOST=127.0.0.1
@@ -117,7 +117,7 @@ for ((i = 0; i < count; i++)); do
   if [ "$supervise" = 1 ]; then
     launch+=("$PYTHON" -m gpu_worker.supervise --backoff-initial-s "${SUPERVISE_BACKOFF_INITIAL_S:-1}"
              --backoff-max-s "${SUPERVISE_BACKOFF_MAX_S:-30}" --max-restarts "${SUPERVISE_MAX_RESTARTS:-5}"
-             --window-s "${SUPERVISE_WINDOW_S:-300}" --)
+             --stable-s "${SUPERVISE_STABLE_S:-300}" --)
   fi
   if [ -n "${MODEL_SERVER_CMD:-}" ]; then
     cmd=${MODEL_SERVER_CMD//\{port\}/$port}

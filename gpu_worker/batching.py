@@ -159,13 +159,26 @@ class DynamicBatcher:
             self._cond.notify()
         return request.future
 
-    def swap(self, infer_batch: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]], version: str) -> str:
+    def swap(self, infer_batch: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]],
+             version: str) -> tuple[str, object]:
         """Serve the next batches with ``infer_batch`` (a reloaded model); the batch running now finishes on
-        the old one. Returns the version replaced."""
+        the old one. Returns the version replaced and a token for :meth:`wait_past`."""
         with self._cond:
             previous, self._infer_batch, self.version = self.version, infer_batch, version
+            running = self._current if self._busy else None
         logger.info("model %r: version %s replaces %s from the next batch on", self.name, version, previous)
-        return previous
+        return previous, running
+
+    def wait_past(self, running: object, timeout: float) -> bool:
+        """Wait until the batch that was running at a :meth:`swap` (its token) has finished."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while running is not None and self._busy and self._current is running:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cond.wait(left)
+        return True
 
     @property
     def queued_rows(self) -> int:
@@ -224,9 +237,11 @@ class DynamicBatcher:
             try:
                 self._execute(batch, infer, version)
             finally:
+                infer = batch = None  # no reference to a replaced model outlives its last batch
                 with self._cond:
                     self._busy = False
                     self._current = []
+                    self._cond.notify_all()  # wait_past, and a stop waiting for the queue
 
     def _take_batch(self) -> list[Request]:
         """Oldest request plus compatible ones, FIFO, up to max_batch_size rows."""

@@ -35,9 +35,12 @@ def model_bytes(policy: Any) -> int:
 
 def checkpoint_bytes(checkpoint: str) -> int:
     path = pathlib.Path(checkpoint)
-    if path.is_dir():
-        return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-    return path.stat().st_size if path.exists() else 0
+    try:
+        if path.is_dir():
+            return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+        return path.stat().st_size if path.exists() else 0
+    except OSError:  # unreadable: the load that follows says why
+        return 0
 
 
 def free_bytes(device: str) -> int | None:
@@ -104,6 +107,16 @@ def same_interface(name: str, old: Policy, new: Policy) -> None:
         if before != after:
             raise ReloadError(f"model {name!r}: the new checkpoint changes the model's {what} ({before} -> {after}); "
                               "clients were told the old one: restart the server to change it")
+
+
+def check_metadata(name: str, policy: Policy) -> None:
+    from gpu_worker import wire
+
+    try:
+        wire.packb(policy.metadata())
+    except Exception as exc:  # noqa: BLE001 - a frame that cannot be sent refuses the checkpoint
+        raise ReloadError(f"model {name!r}: the new checkpoint's metadata cannot be sent: "
+                          f"{type(exc).__name__}: {exc}") from exc
 
 
 def load_error(name: str, checkpoint: str, exc: BaseException) -> ReloadError:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import dataclasses
+import gc
 import hmac
 import ipaddress
 import json
@@ -25,6 +26,7 @@ from typing import Any, Callable
 
 import websockets
 from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.protocol import State as WsState
 from websockets.http11 import Request, Response
 
 from gpu_worker import __version__, wire
@@ -66,6 +68,32 @@ class HostedModel:
         }
 
 
+async def _on_daemon_thread(fn, *args, **kwargs):
+    """``fn(*args, **kwargs)`` on a daemon thread of its own, awaited: unlike the default executor's
+    threads, the process does not wait for it at exit (a load from a path that hangs must not hold a
+    shutdown)."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future = loop.create_future()
+
+    def settle(result, error) -> None:
+        if not done.done():
+            done.set_exception(error) if error is not None else done.set_result(result)
+
+    def run() -> None:
+        result, error = None, None
+        try:
+            result = fn(*args, **kwargs)
+        except BaseException as exc:  # noqa: BLE001 - handed to the awaiting coroutine
+            error = exc
+        try:
+            loop.call_soon_threadsafe(settle, result, error)
+        except RuntimeError:  # the loop is gone: the server stopped meanwhile
+            pass
+
+    threading.Thread(target=run, name="model-reload", daemon=True).start()
+    return await done
+
+
 def resolve_device(requested: str) -> str:
     """``auto`` becomes ``cuda`` when a GPU is visible, else ``cpu``."""
     import torch  # first touched here, inside the server process
@@ -92,7 +120,7 @@ class ModelServer:
         self._idle = asyncio.Event()
         self._metadata: dict[str, bytes] = {}
         self._codec = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="codec")
-        self._reloading: set[str] = set()  # models with a reload under way
+        self._reloading: str | None = None  # the model being reloaded (one at a time per server)
         self.free_bytes = reloading.free_bytes  # memory a second copy may use on a device (a seam for tests)
         self.metrics = ServerMetrics(self)
 
@@ -169,26 +197,33 @@ class ModelServer:
     def _refresh_metadata(self) -> None:
         self._metadata = {name: wire.packb(self.metadata(name)) for name in self.models}
 
-    async def reload(self, name: str, checkpoint: str) -> dict[str, Any]:
+    async def reload(self, name: str, checkpoint: str, *, abandoned: Callable[[], bool] = lambda: False
+                     ) -> dict[str, Any]:
         """Load ``checkpoint`` for hosted model ``name`` beside the copy serving, warm it up, and swap it in
-        between two batches (the batch running finishes on the old weights). Raises
-        :class:`~gpu_worker.reload.ReloadError` with the reason when refused; the old copy keeps serving."""
-        if name not in self.models:
-            raise reloading.ReloadError(f"unknown model {name!r}; hosted: {sorted(self.models)}")
+        between two batches (the batch running finishes on the old weights). One reload at a time per server
+        (two at once could each pass the memory check and together not fit). Raises
+        :class:`~gpu_worker.reload.ReloadError` with the reason when refused; the old copy keeps serving.
+        ``abandoned()`` is asked just before the swap: a caller that gave up does not get a swap it was told
+        failed."""
+        if not isinstance(name, str) or name not in self.models:
+            raise reloading.ReloadError(f"unknown model {name!r:.80}; hosted: {sorted(self.models)}")
         if not isinstance(checkpoint, str) or not checkpoint or len(checkpoint) > 4096:
             raise reloading.ReloadError("checkpoint: must be a path on the model server (1-4096 characters)")
-        if name in self._reloading:
-            raise reloading.ReloadError(f"model {name!r} is already being reloaded; wait for that to finish")
+        if self._reloading:
+            raise reloading.ReloadError(f"a reload of model {self._reloading!r} is running on this server; "
+                                        "wait for it to finish")
         if self.draining:
             raise reloading.ReloadError("the server is shutting down")
-        self._reloading.add(name)
+        self._reloading = name
         try:
             hosted = self.models[name]
             started = time.monotonic()
-            needed = max(reloading.model_bytes(hosted.policy), reloading.checkpoint_bytes(checkpoint))
-            reloading.check_memory(name, needed, await asyncio.to_thread(self.free_bytes, self.device), self.device)
+            # Loading and warming up run on daemon threads: a shutdown never waits for a load that hangs.
+            needed = max(reloading.model_bytes(hosted.policy),
+                         await _on_daemon_thread(reloading.checkpoint_bytes, checkpoint))
+            reloading.check_memory(name, needed, await _on_daemon_thread(self.free_bytes, self.device), self.device)
             try:
-                policy = await asyncio.to_thread(load_model, hosted.target, checkpoint, device=self.device,
+                policy = await _on_daemon_thread(load_model, hosted.target, checkpoint, device=self.device,
                                                  options=hosted.options)
             except Exception as exc:  # noqa: BLE001 - a bad checkpoint is refused with its reason
                 raise reloading.load_error(name, checkpoint, exc) from exc
@@ -197,24 +232,37 @@ class ModelServer:
             if clash:
                 raise reloading.ReloadError(f"model {name!r} outputs {clash}, which replies reserve for the server")
             reloading.same_interface(name, hosted.policy, policy)
-            await asyncio.to_thread(reloading.warm_up, name, policy)
+            reloading.check_metadata(name, policy)  # the new metadata frame must be sendable before the swap
+            await _on_daemon_thread(reloading.warm_up, name, policy)
             warmed = time.monotonic()
+            if self.draining:
+                raise reloading.ReloadError("the server began shutting down during the reload; nothing swapped")
+            if abandoned():
+                raise reloading.ReloadError("the caller left before the swap; nothing swapped")
             version = str(getattr(policy, "version", "init"))
-            previous = hosted.batcher.swap(policy.infer_batch, version)
+            previous, running = hosted.batcher.swap(policy.infer_batch, version)
+            old = hosted.policy
             hosted.policy, hosted.version, hosted.checkpoint = policy, version, checkpoint
             self._refresh_metadata()  # connections opened from now on are told the new version
             swapped = time.monotonic()
-            if self.device and self.device.startswith("cuda"):
-                import torch  # the old copy's memory goes back once its last batch is done
-
-                torch.cuda.empty_cache()
+            del old, policy
+            # The old copy's memory goes back once the batch running at the swap is done with it.
+            await _on_daemon_thread(self._release_old_copy, hosted.batcher, running)
             logger.info("model %r reloaded from %s: version %s (was %s); load %.2fs, warm-up %.2fs", name,
                         checkpoint, version, previous, loaded - started, warmed - loaded)
             return {"ok": True, "model": name, "checkpoint": checkpoint, "version": version,
                     "previous_version": previous, "load_s": round(loaded - started, 4),
                     "warmup_s": round(warmed - loaded, 4), "swap_s": round(swapped - warmed, 6)}
         finally:
-            self._reloading.discard(name)
+            self._reloading = None
+
+    def _release_old_copy(self, batcher: DynamicBatcher, running: object) -> None:
+        batcher.wait_past(running, timeout=60.0)
+        gc.collect()
+        if self.device and self.device.startswith("cuda"):
+            import torch
+
+            torch.cuda.empty_cache()
 
     def admin_allowed(self) -> bool:
         """Admin calls need the API key; with none configured, only a server bound to loopback takes them."""
@@ -368,12 +416,16 @@ class ModelServer:
                     if command == "status":
                         reply = {"ok": True, **self._admin_status()}
                     elif command == "reload":
-                        reply = await self.reload(request.get("model"), request.get("checkpoint"))
+                        reply = await self.reload(request.get("model"), request.get("checkpoint"),
+                                                  abandoned=lambda: ws.state is not WsState.OPEN)
                     else:
-                        raise reloading.ReloadError(f"unknown admin command {command!r}; known: 'reload', 'status'")
+                        raise reloading.ReloadError(f"unknown admin command {command!r:.80}; known: 'reload', 'status'")
                 except (reloading.ReloadError, wire.WireError) as exc:
                     logger.warning("admin call refused: %s", exc)
                     reply = {"ok": False, "error": str(exc)}
+                except Exception as exc:  # noqa: BLE001 - an admin call never costs the connection its answer
+                    logger.error("admin call failed", exc_info=True)
+                    reply = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
                 await ws.send(wire.packb(reply))
         except websockets.ConnectionClosed:
             pass

@@ -194,6 +194,7 @@ def create_app(config: AppConfig | Mapping[str, Any] | None = None, *, pool: Cli
                          trackers=trackers, on_result=on_result)
 
     jobs = JobRunner(store, run_tasks=run_job_tasks, model_version=pool.model_version,
+                     refresh_versions=lambda: pool.refresh_versions(max_age_s=0),
                      failure_score=settings.failure_score, max_concurrent_jobs=settings.max_concurrent_jobs,
                      job_stale_s=settings.job_stale_s, retention_s=settings.job_retention_s)
     app.extensions["job_runner"] = jobs
@@ -416,9 +417,9 @@ def create_app(config: AppConfig | Mapping[str, Any] | None = None, *, pool: Cli
     @app.post("/admin/models/<name>/reload")
     def reload_model(name: str):
         """Push a checkpoint for hosted model ``name`` to every model server; each server's outcome and
-        version, and whether they now agree. Needs the token; with none set, only from loopback."""
-        if settings.token is None and request.remote_addr not in ("127.0.0.1", "::1"):
-            return jsonify(error="admin routes need the app's token (set REWARD_TOKEN), or a call from loopback"), 403
+        version, and whether they now agree. Needs the token (refused when the app has none)."""
+        if settings.token is None:  # not even from loopback: a local proxy would make that everyone
+            return jsonify(error="admin routes need the app's token: set REWARD_SERVER_TOKEN"), 403
         if not authorized():
             return unauthorized()
         body = request.get_json(silent=True, force=True)

@@ -231,8 +231,9 @@ class ClientPool:
         metadata = getattr(conn, "metadata", None)
         models = metadata.get("models") if isinstance(metadata, dict) else None
         if isinstance(models, dict):
-            server.versions = {name: str(m.get("version")) for name, m in models.items()
-                               if isinstance(m, dict) and m.get("version") is not None}
+            if not server.versions:  # a first read; later ones come from GET /status (a connection may be older)
+                server.versions = {name: str(m.get("version")) for name, m in models.items()
+                                   if isinstance(m, dict) and m.get("version") is not None}
             server.default_model = metadata.get("default_model")
         else:
             server.versions, server.default_model = {}, None
@@ -244,7 +245,7 @@ class ClientPool:
         with self._cond:
             if time.monotonic() - self._versions_read_at < max_age_s:
                 return
-            self._versions_read_at = time.monotonic()
+            read_at = time.monotonic()
             servers = [s for s in self._servers if s.state == UP and s.kind == "gpu_worker"]
         headers = {"Authorization": f"Api-Key {self._api_key}"} if self._api_key else {}
         for server in servers:
@@ -259,6 +260,8 @@ class ClientPool:
                 versions = {}
             with self._cond:
                 server.versions = versions
+        with self._cond:
+            self._versions_read_at = max(self._versions_read_at, read_at)  # once read, not when asked
 
     def model_version(self, model: str | None) -> str | None:
         """``name@version`` of a hosted model (None: the servers' default) as every server in rotation
@@ -492,7 +495,7 @@ class ClientPool:
                 self._release(server, conn, keep=False)
                 raise
             with self._cond:
-                _note_version(server, result)
+                _note_reply(server, result)
                 server.requests += 1
                 server.last_reply_at = time.monotonic()
                 server.latencies_ms.append((server.last_reply_at - started) * 1000)
@@ -677,14 +680,13 @@ class ClientPool:
                 outcome["error"] = f"{type(exc).__name__}: {exc}"
             else:
                 outcome.update(answer)
-                if answer.get("ok"):
-                    with self._cond:
-                        server.versions[model] = str(answer["version"])
             outcome["seconds"] = round(time.monotonic() - started, 3)
             return outcome
 
         with concurrent.futures.ThreadPoolExecutor(len(servers), thread_name_prefix="pool-reload") as executor:
-            return list(executor.map(lambda args: one(*args), servers))
+            outcomes = list(executor.map(lambda args: one(*args), servers))
+        self.refresh_versions(max_age_s=0)  # what each serves now, from the servers themselves
+        return outcomes
 
     def status(self) -> dict[str, Any]:
         """What /pool_status shows: each server's state, load, counters, latency; and totals."""
@@ -726,13 +728,11 @@ class ClientPool:
         }
 
 
-def _note_version(server: _Server, result: Any) -> None:
-    """The version a gpu_worker names in each reply (``model: {name, version}``) is the truth after a reload;
-    the metadata read at connect time may be older. Called under the pool's lock."""
+def _note_reply(server: _Server, result: Any) -> None:
+    """What a reply tells about its server: the size of the forward pass that answered. (Not the version it
+    names: a reply from a batch that ran across a reload could name the old one after the new one was
+    read; versions come from GET /status.) Called under the pool's lock."""
     first = result[0] if isinstance(result, list) and result else result
-    model = first.get("model") if isinstance(first, dict) else None
-    if isinstance(model, dict) and isinstance(model.get("name"), str) and model.get("version") is not None:
-        server.versions[model["name"]] = str(model["version"])
     timing = first.get("server_timing") if isinstance(first, dict) else None
     rows = timing.get("batch_size") if isinstance(timing, dict) else None
     if isinstance(rows, (int, float)) and not isinstance(rows, bool):

@@ -6,6 +6,8 @@ from __future__ import annotations
 import pathlib
 import threading
 import time
+import urllib.error
+import urllib.request
 
 import numpy as np
 import pytest
@@ -129,9 +131,13 @@ def test_not_enough_memory_for_two_copies_is_refused_before_loading(cartpole_ser
     assert answer["ok"] is False and "not enough memory on cpu" in answer["error"] and "1 MiB" not in answer["error"]
 
 
-def test_one_reload_at_a_time_per_model(start_server, tmp_path):
-    server = start_server(models=(ModelConfig("affine", "gpu_worker.models.testing:AffineModel",
-                                              options={"load_delay_s": 1.0}),), log_level="WARNING")
+def slow_models(load_delay_s: float) -> tuple:
+    return (ModelConfig("affine", "gpu_worker.models.testing:AffineModel", options={"load_delay_s": load_delay_s}),
+            ModelConfig("other", "gpu_worker.models.testing:AffineModel"))
+
+
+def test_one_reload_at_a_time_per_server(start_server, tmp_path):
+    server = start_server(models=slow_models(1.0), log_level="WARNING")
     checkpoint = tmp_path / "any.bin"
     checkpoint.write_bytes(b"x")
     first: dict = {}
@@ -139,9 +145,39 @@ def test_one_reload_at_a_time_per_model(start_server, tmp_path):
         server.url, {"command": "reload", "model": "affine", "checkpoint": str(checkpoint)})))
     thread.start()
     time.sleep(0.3)
-    second = admin_call(server.url, {"command": "reload", "model": "affine", "checkpoint": str(checkpoint)})
+    for model in ("affine", "other"):  # two copies of two models could each pass the memory check
+        second = admin_call(server.url, {"command": "reload", "model": model, "checkpoint": str(checkpoint)})
+        assert second["ok"] is False and "a reload of model 'affine' is running" in second["error"]
     thread.join(10)
-    assert first["ok"] is True and second["ok"] is False and "already being reloaded" in second["error"]
+    assert first["ok"] is True
+
+
+def test_a_caller_that_leaves_before_the_swap_gets_no_swap(start_server, tmp_path):
+    server = start_server(models=slow_models(1.0), log_level="WARNING")
+    checkpoint = tmp_path / "new.bin"
+    checkpoint.write_bytes(b"x")
+    with pytest.raises(TimeoutError):
+        admin_call(server.url, {"command": "reload", "model": "affine", "checkpoint": str(checkpoint)}, timeout=0.3)
+    time.sleep(1.5)  # the load ends after the caller left
+    status = admin_call(server.url, {"command": "status"})
+    assert status["models"]["affine"]["checkpoint"] is None  # still the copy loaded at start
+    again = admin_call(server.url, {"command": "reload", "model": "affine", "checkpoint": str(checkpoint)})
+    assert again["ok"] and admin_call(server.url, {"command": "status"})["models"]["affine"]["checkpoint"] == \
+        str(checkpoint)
+
+
+def test_the_old_copy_is_released_after_its_last_batch(cartpole_server, tmp_path):
+    import gc
+    import weakref
+
+    old = weakref.ref(next(iter(cartpole_server.server.models.values())).policy)
+    with ModelClient(cartpole_server.url) as conn:
+        conn.infer({"observation/state": np.zeros(4, np.float32)})
+        assert admin_call(cartpole_server.url, {"command": "reload", "model": "cartpole",
+                                                "checkpoint": perturbed(tmp_path)})["ok"]
+        gc.collect()
+        assert old() is None  # no batcher local, no metadata, nothing keeps the replaced weights
+        assert conn.infer({"observation/state": np.zeros(4, np.float32)})["model"]["version"].startswith("cartpole_v2")
 
 
 def test_admin_needs_the_api_key_and_loopback_without_one(start_server, tmp_path):
@@ -150,6 +186,9 @@ def test_admin_needs_the_api_key_and_loopback_without_one(start_server, tmp_path
         admin_call(keyed.url, {"command": "status"})
     assert refused.value.response.status_code == 401
     assert admin_call(keyed.url, {"command": "status"}, api_key="k" * 16)["ok"] is True
+    with pytest.raises(urllib.error.HTTPError) as status_refused:  # /status shows versions and paths: keyed too
+        urllib.request.urlopen(f"http://127.0.0.1:{keyed.port}/status", timeout=5)
+    assert status_refused.value.code == 401
     open_server = start_server(models=(ModelConfig("cartpole", CARTPOLE),), host="0.0.0.0", log_level="WARNING")
     with pytest.raises(InvalidStatus) as forbidden:
         admin_call(f"ws://127.0.0.1:{open_server.port}", {"command": "status"})
@@ -164,10 +203,15 @@ def cartpole_servers(start_server, n: int):
     return [start_server(models=(ModelConfig("cartpole", CARTPOLE),), log_level="WARNING") for _ in range(n)]
 
 
+TOKEN = "admin-token-123"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
 def test_reload_across_the_pool_then_results_name_the_new_version_and_miss_the_old_cache(start_server, make_app,
                                                                                         tmp_path):
     servers = cartpole_servers(start_server, 2)
-    client = make_app(model_servers=tuple(s.url for s in servers)).test_client()
+    client = make_app(model_servers=tuple(s.url for s in servers), token=TOKEN).test_client()
+    client.environ_base.update({"HTTP_AUTHORIZATION": AUTH["Authorization"]})
     task = {"responses": [{"task": "cartpole_short", "episodes": 1}], "reward_function_kwargs": {"max_workers": 1}}
     first = client.post("/score", json=task).get_json()["details"][0]
     old_version = first["model_versions"][0]
@@ -187,10 +231,26 @@ def test_reload_across_the_pool_then_results_name_the_new_version_and_miss_the_o
     assert client.post("/score", json=task).get_json()["details"][0]["cached"] is True  # cached on the new one
 
 
+def test_a_reload_made_elsewhere_is_seen_by_the_very_next_job(start_server, make_app, tmp_path):
+    """Another app process (another gunicorn worker) or an operator reloads: this app's next job must not
+    answer from the old weights' cache, even a moment later."""
+    server = cartpole_servers(start_server, 1)[0]
+    client = make_app(model_servers=(server.url,)).test_client()
+    task = {"responses": [{"task": "cartpole_short", "episodes": 1}]}
+    assert client.post("/score", json=task).get_json()["details"][0]["cached"] is False
+    assert client.post("/score", json=task).get_json()["details"][0]["cached"] is True
+    answer = admin_call(server.url, {"command": "reload", "model": "cartpole",
+                                     "checkpoint": perturbed(tmp_path, scale=0.01)})
+    after = client.post("/score", json=task).get_json()["details"][0]  # at once, not a second later
+    assert after["cached"] is False and after["model_versions"] == [f"cartpole@{answer['version']}"]
+
+
 def test_reload_fan_out_reports_a_server_that_is_down_and_says_they_disagree(start_server, make_app, tmp_path):
     servers = cartpole_servers(start_server, 2)
-    app = make_app(model_servers=tuple(s.url for s in servers), health_interval_s=0.2, probe_interval_s=0.2)
+    app = make_app(model_servers=tuple(s.url for s in servers), health_interval_s=0.2, probe_interval_s=0.2,
+                   token=TOKEN)
     client = app.test_client()
+    client.environ_base.update({"HTTP_AUTHORIZATION": AUTH["Authorization"]})
     assert client.post("/score", json={"responses": ["cartpole_short"]}).status_code == 200
     servers[1].stop(grace_s=1)
     response = client.post("/admin/models/cartpole/reload", json={"checkpoint": perturbed(tmp_path), "timeout_s": 30})
@@ -205,7 +265,8 @@ def test_reload_fan_out_reports_a_server_that_is_down_and_says_they_disagree(sta
 def test_reload_reports_an_openpi_server_that_cannot_reload(start_server, openpi_servers, make_app, tmp_path):
     gpu = cartpole_servers(start_server, 1)[0]
     openpi = openpi_servers(model=CARTPOLE)
-    client = make_app(model_servers=(gpu.url, openpi.url)).test_client()
+    client = make_app(model_servers=(gpu.url, openpi.url), token=TOKEN).test_client()
+    client.environ_base.update({"HTTP_AUTHORIZATION": AUTH["Authorization"]})
     for _ in range(4):  # connections to both: the pool learns what each server is
         assert client.post("/score", json={"responses": ["cartpole_short"] * 2}).status_code == 200
     body = client.post("/admin/models/cartpole/reload", json={"checkpoint": perturbed(tmp_path)}).get_json()
@@ -216,15 +277,16 @@ def test_reload_reports_an_openpi_server_that_cannot_reload(start_server, openpi
 
 def test_reload_route_is_guarded_and_checks_its_body(start_server, make_app):
     servers = cartpole_servers(start_server, 1)
-    guarded = make_app(model_servers=(servers[0].url,), token="t" * 16).test_client()
+    guarded = make_app(model_servers=(servers[0].url,), token=TOKEN).test_client()
     assert guarded.post("/admin/models/cartpole/reload", json={"checkpoint": str(SHIPPED)}).status_code == 401
     open_app = make_app(model_servers=(servers[0].url,)).test_client()
-    remote = open_app.post("/admin/models/cartpole/reload", json={"checkpoint": str(SHIPPED)},
-                           environ_base={"REMOTE_ADDR": "10.1.2.3"})
-    assert remote.status_code == 403 and "token" in remote.get_json()["error"]
+    for remote_addr in ("127.0.0.1", "10.1.2.3"):  # no token: refused, loopback too (a local proxy is everyone)
+        refused = open_app.post("/admin/models/cartpole/reload", json={"checkpoint": str(SHIPPED)},
+                                environ_base={"REMOTE_ADDR": remote_addr})
+        assert refused.status_code == 403 and "token" in refused.get_json()["error"]
     for body, field in (({}, "checkpoint"), ({"checkpoint": 3}, "checkpoint"), ([1], "body"),
                         ({"checkpoint": "x", "timeout_s": 0}, "timeout_s"), ({"checkpoint": "x", "y": 1}, "body")):
-        response = open_app.post("/admin/models/cartpole/reload", json=body)
+        response = guarded.post("/admin/models/cartpole/reload", json=body, headers=AUTH)
         assert response.status_code == 400 and response.get_json()["field"] == field, (body, response.get_json())
-    bad = open_app.post("/admin/models/cartpole/reload", json={"checkpoint": "/no/such.pt"}).get_json()
+    bad = guarded.post("/admin/models/cartpole/reload", json={"checkpoint": "/no/such.pt"}, headers=AUTH).get_json()
     assert bad["consistent"] is False and "does not exist" in bad["servers"][0]["error"]

@@ -272,17 +272,51 @@ def test_supervised_server_killed_during_score_comes_back_and_stop_ends_it_all(s
 @pytest.mark.slow
 def test_a_crash_looping_supervised_server_is_given_up_on(script_env, tmp_path):
     env, _ = script_env
-    env = {**env, "NUM_CPU_SERVERS": "1", "MODEL_SERVER_CMD": "echo crashing on {port}; exit 3",
-           "SUPERVISE_BACKOFF_INITIAL_S": "0.05", "SUPERVISE_MAX_RESTARTS": "2", "SUPERVISE_WINDOW_S": "60"}
+    # A wrapper that dies leaving a child behind (as `uv run` or `bash -c` can): the child must not survive it.
+    env = {**env, "NUM_CPU_SERVERS": "1", "MODEL_SERVER_CMD": "sleep 300 & echo crashing on {port}; exit 3",
+           "SUPERVISE_BACKOFF_INITIAL_S": "0.05", "SUPERVISE_MAX_RESTARTS": "2", "SUPERVISE_STABLE_S": "60"}
     result = run("start_pi0_models.sh", env, args=("--supervise",), timeout=60)
     assert result.returncode == 1 and "server 0" in result.stderr and "exited" in result.stderr
     log = (tmp_path / "logs" / "pi0_gpu0.log").read_text()
     assert log.count("\ncrashing on") == 3  # the first run and two restarts (each line starts with it)
-    assert "giving up: the server exited 3 times within 60s (crash loop; last: exit code 3" in log
+    assert "giving up: the server exited 3 times in a row, each within 60s of its start (crash loop; last: " \
+           "exit code 3" in log
     assert "giving up" in result.stderr  # the start script shows the log's last lines
+    assert log.count("left behind") == 3
+    run_dir = (tmp_path / "run").resolve()
+    assert tagged(f"{run_dir}:0") == []  # no supervisor, no wrapper, no leftover sleep
 
 
 def test_start_refuses_an_unknown_argument(script_env):
     env, _ = script_env
     result = run("start_pi0_models.sh", env, args=("--superivse",))
     assert result.returncode == 2 and "unknown argument '--superivse'" in result.stderr
+
+
+def test_supervisor_alone_signalled_stops_its_server_and_a_signal_ends_a_backoff(tmp_path):
+    import sys
+
+    def supervise(*command: str) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", "gpu_worker.supervise", "--backoff-initial-s", "30", "--",
+                                 *command], cwd=ROOT, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+    running = supervise("sleep", "300")
+    deadline = time.monotonic() + 10
+    while not children(running.pid):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    child = children(running.pid)[0]
+    running.send_signal(signal.SIGTERM)  # the supervisor's PID only, not its group
+    assert running.wait(10) == 0 and not alive(child)
+    assert "SIGTERM received: stopping the server" in running.stderr.read()
+
+    crashing = supervise("false")  # exits at once; the supervisor then waits 30 s before a restart
+    deadline = time.monotonic() + 10
+    log = ""
+    while "restarting in 30s" not in log:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+        log = crashing.stderr.readline() if crashing.poll() is None else log
+    started = time.monotonic()
+    crashing.send_signal(signal.SIGTERM)
+    assert crashing.wait(10) == 0 and time.monotonic() - started < 5  # not after the 30 s backoff

@@ -53,10 +53,11 @@ class _Job:
 class JobRunner:
     def __init__(self, store, *, run_tasks: Callable[..., list], model_version: Callable[[str | None], str | None],
                  failure_score: float, max_concurrent_jobs: int = 8, job_stale_s: float = 60.0,
-                 retention_s: float = 7 * 86400.0) -> None:
+                 retention_s: float = 7 * 86400.0, refresh_versions: Callable[[], None] | None = None) -> None:
         self.store = store
         self._run_tasks = run_tasks  # (tasks, max_workers, deadline, trackers, on_result) -> results
         self._model_version = model_version
+        self._refresh_versions = refresh_versions
         self.failure_score = failure_score
         self.job_stale_s = job_stale_s
         self.retention_s = retention_s
@@ -186,6 +187,8 @@ class JobRunner:
             if not self.store.start_job(job_id, self.owner):
                 return  # cancelled while queued, by another process
             details: list[dict | None] = [None] * len(tasks)
+            if use_cache and self._refresh_versions is not None:
+                self._refresh_versions()  # read now: a reload a moment ago through another process counts
             versions = [self.cache_versions(task) if use_cache else None for task in tasks]
             keys = [self.cache_key(task, v) if v is not None else None for task, v in zip(tasks, versions)]
             pending = []
