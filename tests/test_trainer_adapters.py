@@ -486,3 +486,21 @@ def test_no_model_server_yet_503_is_retried_until_one_comes_up(start_server, ser
     reward = make_reward_func(url=app.url, task="cartpole_short", retries=0, timeout_s=120, on_failure="raise")
     assert asyncio.run(reward(["p"], ["c"])) == [1.0]  # 503 + Retry-After, more often than `retries` allows
     assert app.counts["POST /jobs"] >= 2
+
+
+def test_verl_calls_spread_over_a_rollout_share_a_job_within_the_window(served):
+    """verl's agent loop calls compute_score as each generation finishes: spread out, not at once. With a
+    window as long as the spread, they still become one job."""
+    app = served()
+    compute_score = load_like_verl(ADAPTERS / "verl.py", "compute_score", {"url": app.url, "batch_window_s": 1.0})
+
+    async def rollout():
+        async def one(i: int):
+            await asyncio.sleep(0.02 * i)  # generations finishing one after another
+            return await compute_score(data_source="d", solution_str="s", ground_truth=json.dumps(steps_task(i + 1)),
+                                       extra_info={})
+        return await asyncio.gather(*(one(i) for i in range(16)))
+
+    results = asyncio.run(rollout())
+    assert [r["score"] for r in results] == [pytest.approx((i + 1) / 1000) for i in range(16)]
+    assert app.counts["POST /jobs"] == 1, app.counts
