@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import pathlib
 import signal
 import sys
@@ -50,8 +51,11 @@ def main() -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--options", default="{}", help="the model class's keyword arguments, as JSON")
     args = parser.parse_args()
-    asyncio.run(run(ModelConfig.parse(args.model), args.host, args.port, args.device))
+    model = ModelConfig.parse(args.model)
+    model = ModelConfig(model.name, model.target, model.checkpoint, json.loads(args.options))
+    asyncio.run(run(model, args.host, args.port, args.device))
 
 
 if __name__ == "__main__":

@@ -59,6 +59,7 @@ class Request:
     inputs: dict[str, np.ndarray]
     rows: int
     future: concurrent.futures.Future = dataclasses.field(default_factory=concurrent.futures.Future)
+    deliver_to: Any = None  # with a batcher ``deliver`` callback: where the caller waits (opaque here)
     enqueued_at: float = 0.0
     signature: Signature = ()
 
@@ -111,6 +112,7 @@ class DynamicBatcher:
         max_queue: int = 1024,
         version: str = "init",
         on_batch: Callable[[int, float, list[float]], None] | None = None,
+        deliver: Callable[[list[tuple["Request", Any, BaseException | None]]], None] | None = None,
     ) -> None:
         if not isinstance(max_batch_size, int) or max_batch_size < 1:
             raise ValueError(f"max_batch_size must be an integer >= 1, got {max_batch_size!r}")
@@ -121,6 +123,9 @@ class DynamicBatcher:
         self._infer_batch = infer_batch
         self.version = version
         self._on_batch = on_batch  # metrics: (rows, inference seconds, each request's queue wait in seconds)
+        # Answers a whole batch at once, [(request, result, exception)], instead of each request's future: an
+        # event loop is then woken once per batch, not once per request.
+        self._deliver = deliver
         self.name = name
         self.max_batch_size = max_batch_size
         self.max_wait_s = float(max_wait_s)
@@ -204,9 +209,15 @@ class DynamicBatcher:
             self._queue.clear()
             self._queued_rows = 0
             self._cond.notify_all()
-        for request in pending:
-            _settle(request.future, exception=ShuttingDown(reason))
+        self._answer([(request, None, ShuttingDown(reason)) for request in pending])
         return len(pending)
+
+    def _answer(self, items: list[tuple[Request, Any, BaseException | None]]) -> None:
+        if self._deliver is not None:
+            self._deliver(items)
+            return
+        for request, result, error in items:
+            _settle(request.future, result=result, exception=error)
 
     def stop(self, timeout: float | None = None) -> None:
         """Finish what is queued, then end the thread."""
@@ -277,8 +288,7 @@ class DynamicBatcher:
         except BaseException as exc:  # every request of the batch hears of it
             self.errors += 1
             logger.error("model %r failed on a batch of %d rows", self.name, rows, exc_info=True)
-            for request in batch:
-                _settle(request.future, exception=exc)
+            self._answer([(request, None, exc) for request in batch])
             return
         infer_ms = (time.monotonic() - started) * 1000
         self.batches += 1
@@ -288,7 +298,7 @@ class DynamicBatcher:
                 self._on_batch(rows, infer_ms / 1000, [started - r.enqueued_at for r in batch])
             except Exception:  # noqa: BLE001 - metrics never fail a batch
                 logger.warning("batch metrics failed", exc_info=True)
-        offset = 0
+        offset, answers = 0, []
         for request in batch:
             timing = BatchTiming(
                 queue_ms=(started - request.enqueued_at) * 1000,
@@ -298,4 +308,5 @@ class DynamicBatcher:
             )
             part = {k: v[offset : offset + request.rows] for k, v in outputs.items()}
             offset += request.rows
-            _settle(request.future, result=BatchResult(part, timing, version))
+            answers.append((request, BatchResult(part, timing, version), None))
+        self._answer(answers)

@@ -68,6 +68,17 @@ class HostedModel:
         }
 
 
+def _settle_answers(items: list) -> None:
+    for request, result, error in items:
+        future = request.deliver_to
+        if future is None or future.done():  # a connection that went away while its request ran
+            continue
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+
+
 async def _on_daemon_thread(fn, *args, **kwargs):
     """``fn(*args, **kwargs)`` on a daemon thread of its own, awaited: unlike the default executor's
     threads, the process does not wait for it at exit (a load from a path that hangs must not hold a
@@ -121,6 +132,7 @@ class ModelServer:
         self._metadata: dict[str, bytes] = {}
         self._codec = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="codec")
         self._reloading: str | None = None  # the model being reloaded (one at a time per server)
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.free_bytes = reloading.free_bytes  # memory a second copy may use on a device (a seam for tests)
         self.metrics = ServerMetrics(self)
 
@@ -142,6 +154,7 @@ class ModelServer:
             max_queue=4,
         )
         port = self._server.sockets[0].getsockname()[1]
+        self._loop = asyncio.get_running_loop()
         logger.info("listening on ws://%s:%d (loading models)", self.config.host, port)
         return port
 
@@ -187,6 +200,7 @@ class ModelServer:
                 max_queue=self.config.max_queue,
                 version=version,
                 on_batch=self.metrics.observer(spec.name),
+                deliver=self._deliver,
             )
             batcher.start()
             self.models[spec.name] = HostedModel(spec.name, spec.target, spec.checkpoint, policy, batcher, version,
@@ -331,6 +345,13 @@ class ModelServer:
         scheme, _, key = request.headers.get("Authorization", "").partition(" ")
         return scheme.lower() == "api-key" and hmac.compare_digest(key.strip().encode(), self.config.api_key.encode())
 
+    def _deliver(self, items: list) -> None:
+        """A batch's answers, from its batcher thread: one wake-up of the event loop for all of them."""
+        try:
+            self._loop.call_soon_threadsafe(_settle_answers, items)
+        except RuntimeError:  # the loop is closed: nobody is waiting any more
+            pass
+
     @property
     def open_connections(self) -> int:
         return len(self._server.connections) if self._server is not None else 0
@@ -462,8 +483,9 @@ class ModelServer:
             self.metrics.error("bad_request")
             return f"bad request: {type(exc).__name__}: {exc}"
         hosted = self.models[parsed.model]
+        answered = asyncio.get_running_loop().create_future()
         try:
-            future = hosted.batcher.submit(BatchRequest(parsed.inputs, parsed.rows))
+            hosted.batcher.submit(BatchRequest(parsed.inputs, parsed.rows, deliver_to=answered))
         except Overloaded as exc:
             self.metrics.error("overloaded")
             return str(exc)
@@ -471,7 +493,7 @@ class ModelServer:
             self.metrics.error("shutting_down")
             return str(exc)
         try:
-            result = await asyncio.wrap_future(future)
+            result = await answered
         except ShuttingDown as exc:
             self.metrics.error("shutting_down")
             return f"server is shutting down: {exc}"
