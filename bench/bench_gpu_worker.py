@@ -185,10 +185,12 @@ def stall(url: str, n: int, senders: int, frame_rows: int) -> dict:
             "big_frame_mb": round(frame_rows * 2 * 224 * 224 * 3 / 2**20, 2)}
 
 
-def start_serial(model: str, device: str = "cpu") -> tuple[subprocess.Popen, str]:
+def start_serial(model: str, device: str = "cpu", options: dict | None = None,
+                 env: dict | None = None) -> tuple[subprocess.Popen, str]:
     proc = subprocess.Popen(
-        [sys.executable, str(ROOT / "bench" / "serial_server.py"), "--model", model, "--port", "0", "--device", device],
-        stdout=subprocess.PIPE, text=True,
+        [sys.executable, str(ROOT / "bench" / "serial_server.py"), "--model", model, "--port", "0", "--device", device,
+         "--options", json.dumps(options or {})],
+        stdout=subprocess.PIPE, text=True, env={**os.environ, **env} if env else None,
     )
     match, line = None, ""
     for line in proc.stdout:  # a model may print while it loads (LeRobot does)
@@ -222,6 +224,9 @@ def main() -> int:
     parser.add_argument("--clients", default="1,4,16,64")
     parser.add_argument("--max-wait-ms", type=float, default=None, help="gpu_worker's batching wait (default: its own)")
     parser.add_argument("--compute-width", type=int, default=1024)
+    parser.add_argument("--compute-depth", type=int, default=4)
+    parser.add_argument("--pin", action="store_true",
+                        help="throughput: each server on CPU 0, this load generator on CPU 1 (Linux, 2+ CPUs)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     levels = [int(c) for c in args.clients.split(",")]
@@ -252,20 +257,30 @@ def main() -> int:
 
     # 2. Throughput, compute-bound model.
     compute = ModelConfig(name="compute", target="gpu_worker.models.compute_mlp:ComputeMLP",
-                          options={"width": args.compute_width})
+                          options={"width": args.compute_width, "depth": args.compute_depth})
     policy = load_model(compute.target, None, device=args.device, options=compute.options)
-    results["compute_model"] = {"width": args.compute_width, "depth": 4}
+    results["compute_model"] = {"width": args.compute_width, "depth": args.compute_depth, "pinned": args.pin}
+
+    def pin(pid: int) -> None:
+        if args.pin:
+            os.sched_setaffinity(pid, {0})
+            os.sched_setaffinity(0, {1})
+
     throughput = {str(c): {} for c in levels}
     for c in levels:
         throughput[str(c)]["direct_batched_rps"] = direct_batched(policy, compute_obs(), c, args.duration, args.device)
     del policy
-    server = start_server_process(ServerConfig(port=0, device=args.device, models=(compute,), **wait_opts))
+    server = start_server_process(ServerConfig(port=0, device=args.device, models=(compute,), **wait_opts),
+                                  env={"OMP_NUM_THREADS": "1"} if args.pin else None)
+    pin(server.process.pid)
     try:
         for c in levels:
             throughput[str(c)]["gpu_worker"] = load(server.url, compute_obs(), c, args.duration)
     finally:
         server.stop()
-    serial, serial_url = start_serial(f"compute={compute.target}")
+    serial, serial_url = start_serial(f"compute={compute.target}", options=compute.options,
+                                      env={"OMP_NUM_THREADS": "1"} if args.pin else None)
+    pin(serial.pid)
     try:
         for c in levels:
             throughput[str(c)]["serial"] = load(serial_url, compute_obs(), c, args.duration)
@@ -273,6 +288,8 @@ def main() -> int:
         serial.terminate()
         serial.wait(10)
     results["throughput"] = throughput
+    if args.pin:
+        os.sched_setaffinity(0, set(range(os.cpu_count() or 1)))
 
     # 3. Head-of-line blocking by big frames.
     hol = {}
