@@ -126,6 +126,8 @@ class DynamicBatcher:
         # Answers a whole batch at once, [(request, result, exception)], instead of each request's future: an
         # event loop is then woken once per batch, not once per request.
         self._deliver = deliver
+        self.infer_s_ema: float | None = None  # a moving average of forward-pass time (inline runs use it)
+        self.inline_max_s = 0.002  # forward passes shorter than this may run inline for a lone caller
         self.name = name
         self.max_batch_size = max_batch_size
         self.max_wait_s = float(max_wait_s)
@@ -231,8 +233,8 @@ class DynamicBatcher:
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not self._queue and not self._stopping:
-                    self._cond.wait()
+                while (not self._queue or self._busy) and not self._stopping:
+                    self._cond.wait()  # busy here: a request running inline on its caller's thread
                 if not self._queue:
                     return
                 deadline = self._queue[0].enqueued_at + self.max_wait_s
@@ -241,6 +243,10 @@ class DynamicBatcher:
                     if remaining <= 0:
                         break
                     self._cond.wait(remaining)
+                while self._busy and not self._stopping:
+                    self._cond.wait()
+                if not self._queue:
+                    continue
                 batch = self._take_batch()
                 self._busy = True
                 self._current = batch
@@ -280,7 +286,34 @@ class DynamicBatcher:
             parts.append(_check_outputs(infer(chunk), len(next(iter(chunk.values())))))
         return {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
 
-    def _execute(self, batch: list[Request], infer: Callable, version: str) -> None:
+    def run_inline(self, request: Request) -> tuple[Any, BaseException | None] | None:
+        """Run ``request`` now on the calling thread, when the model is idle with nothing queued and its
+        forward passes are short (under ``inline_max_s``): a lone caller then skips two thread hand-offs.
+        Returns ``(result, error)``, or None when it must queue as usual."""
+        ema = self.infer_s_ema
+        if ema is None or ema > self.inline_max_s or request.rows > self.max_batch_size:
+            return None
+        with self._cond:
+            if self._busy or self._queue or self._stopping:
+                return None
+            self._busy = True
+            self._current = [request]
+            request.enqueued_at = time.monotonic()
+            infer, version = self._infer_batch, self.version
+        answers: list = []
+        try:
+            self._execute([request], infer, version, answers.extend)
+        finally:
+            infer = None
+            with self._cond:
+                self._busy = False
+                self._current = []
+                self._cond.notify_all()  # the batcher thread: requests that queued meanwhile
+        return (answers[0][1], answers[0][2]) if answers else None
+
+    def _execute(self, batch: list[Request], infer: Callable, version: str,
+                 answer: Callable[[list], None] | None = None) -> None:
+        answer = answer or self._answer
         started = time.monotonic()
         rows = sum(r.rows for r in batch)
         try:
@@ -288,9 +321,11 @@ class DynamicBatcher:
         except BaseException as exc:  # every request of the batch hears of it
             self.errors += 1
             logger.error("model %r failed on a batch of %d rows", self.name, rows, exc_info=True)
-            self._answer([(request, None, exc) for request in batch])
+            answer([(request, None, exc) for request in batch])
             return
-        infer_ms = (time.monotonic() - started) * 1000
+        elapsed = time.monotonic() - started
+        self.infer_s_ema = elapsed if self.infer_s_ema is None else 0.8 * self.infer_s_ema + 0.2 * elapsed
+        infer_ms = elapsed * 1000
         self.batches += 1
         self.rows_served += rows
         if self._on_batch is not None:
@@ -309,4 +344,4 @@ class DynamicBatcher:
             part = {k: v[offset : offset + request.rows] for k, v in outputs.items()}
             offset += request.rows
             answers.append((request, BatchResult(part, timing, version), None))
-        self._answer(answers)
+        answer(answers)

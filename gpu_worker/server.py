@@ -43,6 +43,7 @@ logger = logging.getLogger("gpu_worker")
 
 MODEL_PATH_PREFIX = "/models/"
 ADMIN_PATH = "/admin"
+INLINE_QUIET_S = 0.25  # a request runs inline only when none overlapped another for this long
 STATUS_PATH = "/status"
 RESERVED_OUTPUTS = frozenset({"server_timing", "model"})
 
@@ -133,6 +134,9 @@ class ModelServer:
         self._codec = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="codec")
         self._reloading: str | None = None  # the model being reloaded (one at a time per server)
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._concurrent_at = float("-inf")  # when two connections last sent requests close together
+        self._last_connection: object = None
+        self._last_request_at = float("-inf")
         self.free_bytes = reloading.free_bytes  # memory a second copy may use on a device (a seam for tests)
         self.metrics = ServerMetrics(self)
 
@@ -345,6 +349,20 @@ class ModelServer:
         scheme, _, key = request.headers.get("Authorization", "").partition(" ")
         return scheme.lower() == "api-key" and hmac.compare_digest(key.strip().encode(), self.config.api_key.encode())
 
+    def _lone(self, connection: object) -> bool:
+        """Whether this request has the server to itself: no other connection sent one in the last
+        ``INLINE_QUIET_S`` and none is in flight. Then nothing could batch with it, and it may run inline on
+        the event loop (for a short forward pass) instead of crossing to the batcher thread and back. A
+        request from another connection turns that off for a while, so requests that arrive one by one under
+        load (an inline run finishes before the loop reads the next) are never serialised inline."""
+        now = time.monotonic()
+        if connection is not self._last_connection:
+            if now - self._last_request_at < INLINE_QUIET_S:
+                self._concurrent_at = now
+            self._last_connection = connection
+        self._last_request_at = now
+        return self._inflight == 1 and now - self._concurrent_at > INLINE_QUIET_S
+
     def _deliver(self, items: list) -> None:
         """A batch's answers, from its batcher thread: one wake-up of the event loop for all of them."""
         try:
@@ -408,7 +426,7 @@ class ModelServer:
                 started = time.monotonic()
                 self._inflight += 1
                 try:
-                    reply = await self._answer(frame, model, prev_total_ms)
+                    reply = await self._answer(frame, model, prev_total_ms, ws)
                     await ws.send(reply)
                 finally:
                     self._inflight -= 1
@@ -466,7 +484,8 @@ class ModelServer:
             wire.unpackb(frame), specs=specs, default_model=model, max_rows=self.config.max_queue
         )
 
-    async def _answer(self, frame: bytes | str, model: str, prev_total_ms: float | None) -> bytes | str:
+    async def _answer(self, frame: bytes | str, model: str, prev_total_ms: float | None,
+                      connection: object = None) -> bytes | str:
         if isinstance(frame, str):
             self.metrics.error("bad_request")
             return "text frames are not accepted: send one msgpack-encoded observation per binary frame (openpi wire format)"
@@ -484,8 +503,14 @@ class ModelServer:
             return f"bad request: {type(exc).__name__}: {exc}"
         hosted = self.models[parsed.model]
         answered = asyncio.get_running_loop().create_future()
+        request = BatchRequest(parsed.inputs, parsed.rows, deliver_to=answered)
+        inline = hosted.batcher.run_inline(request) if self._lone(connection) else None
+        if inline is not None:
+            result, error = inline
+            answered.set_exception(error) if error is not None else answered.set_result(result)
         try:
-            hosted.batcher.submit(BatchRequest(parsed.inputs, parsed.rows, deliver_to=answered))
+            if inline is None:
+                hosted.batcher.submit(request)
         except Overloaded as exc:
             self.metrics.error("overloaded")
             return str(exc)

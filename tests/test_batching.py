@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from conftest import affine
+from gpu_worker.batching import DynamicBatcher, Request
 from gpu_worker.client import ModelClient, ServerError
 from gpu_worker.config import ModelConfig
 from gpu_worker.model import load_model
@@ -210,3 +211,50 @@ def test_prompts_batch_together_and_replies_follow_request_order(start_server):
             reply = client.infer({"observation": {"state": [j, 1.0]}, "prompt": "x" * j})
             assert float(reply["row_sum"]) == j + 1 and int(reply["prompt_len"]) == j
             assert reply["server_timing"]["prev_total_ms"] > 0
+
+
+def test_run_inline_runs_a_lone_request_on_the_callers_thread_and_never_beside_the_batcher():
+    import threading
+
+    inside = threading.Lock()
+    overlaps: list[int] = []
+    threads_seen: set[str] = set()
+
+    def infer(batch):
+        if not inside.acquire(blocking=False):
+            overlaps.append(1)  # two forward passes at once: the model is not thread-safe
+            inside.acquire()
+        try:
+            threads_seen.add(threading.current_thread().name)
+            return {"y": batch["x"] * 2}
+        finally:
+            inside.release()
+
+    batcher = DynamicBatcher(infer, name="inline", max_batch_size=8)
+    batcher.start()
+    try:
+        x = {"x": np.ones((1, 2), np.float32)}
+        assert batcher.run_inline(Request(dict(x), 1)) is None  # no forward timed yet: queue as usual
+        batcher.submit(Request(dict(x), 1)).result(5)
+        result, error = batcher.run_inline(Request(dict(x), 1))
+        assert error is None and result.outputs["y"].tolist() == [[2.0, 2.0]] and result.timing.batch_size == 1
+        assert threading.current_thread().name in threads_seen
+        batcher.inline_max_s = 0.0  # a model too slow for it: never inline
+        assert batcher.run_inline(Request(dict(x), 1)) is None
+        batcher.inline_max_s = 1.0
+        stop = threading.Event()
+
+        def submitter():
+            while not stop.is_set():
+                batcher.submit(Request(dict(x), 1)).result(5)
+
+        workers = [threading.Thread(target=submitter) for _ in range(3)]
+        for w in workers:
+            w.start()
+        ran_inline = sum(batcher.run_inline(Request(dict(x), 1)) is not None for _ in range(2000))
+        stop.set()
+        for w in workers:
+            w.join(10)
+        assert overlaps == [] and 0 <= ran_inline <= 2000
+    finally:
+        batcher.stop(5)
