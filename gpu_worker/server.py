@@ -2,7 +2,14 @@
 
 The event loop only moves bytes. Large frames are decoded and large replies
 encoded on a small thread pool, and inference runs on each model's batcher
-thread (:mod:`gpu_worker.batching`), so no connection can stall another.
+thread (:mod:`gpu_worker.batching`), so no connection can stall another; a
+batch's answers come back to the loop in one wake-up. The one exception: a
+lone request (no other connection active) to a model whose forward passes
+take under 2 ms runs inline on the loop, where there is nothing to batch it
+with and nobody else to stall.
+
+Besides WebSocket connections the port answers ``GET /healthz``, ``GET /status``
+(versions), ``GET /metrics`` (Prometheus) and admin calls on ``/admin`` (hot reload).
 
 Per connection, after the metadata frame: one request frame in, one reply
 frame out (lock-step). A request error is answered with a text frame holding
