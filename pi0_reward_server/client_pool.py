@@ -54,8 +54,8 @@ import numpy as np
 import websockets
 
 from gpu_worker.client import ModelClient, ServerError, admin_call
-from pi0_reward_server import metrics
 from gpu_worker.wire import WireError
+from pi0_reward_server import metrics
 
 logger = logging.getLogger(__name__)
 
@@ -453,7 +453,6 @@ class ClientPool:
                 keep = _keeps_connection_after_error(conn)
                 self._release(server, conn, keep=keep)
                 self._record_error(server, message)
-                metrics.pool_errors.labels(server.url).inc()
                 if not message.startswith(_RETRYABLE_REPLIES):
                     raise
                 metrics.pool_retries.labels(server.url).inc()
@@ -472,7 +471,6 @@ class ClientPool:
                     self._mark_down(server, message, needs_inference=True)
                 else:
                     self._record_error(server, message + " (it answered others meanwhile: slow, not hung)")
-                metrics.pool_errors.labels(server.url).inc()
                 metrics.pool_retries.labels(server.url).inc()
                 tried.add(server)
                 last_error = f"{server.url}: timed out after {self.request_timeout_s:g}s ({exc})"
@@ -483,7 +481,6 @@ class ClientPool:
                     self._record_error(server, f"{type(exc).__name__}: {exc}")
                     raise RequestRejected(f"{server.url} refused the request: {exc}") from exc
                 self._mark_down(server, f"{type(exc).__name__}: {exc}")
-                metrics.pool_errors.labels(server.url).inc()
                 metrics.pool_retries.labels(server.url).inc()
                 tried.add(server)
                 last_error = f"{server.url}: {type(exc).__name__}: {exc}"
@@ -499,24 +496,25 @@ class ClientPool:
                 server.requests += 1
                 server.last_reply_at = time.monotonic()
                 server.latencies_ms.append((server.last_reply_at - started) * 1000)
-            metrics.pool_requests.labels(server.url).inc()
-            metrics.pool_seconds.labels(server.url).observe(server.last_reply_at - started)
-            with self._cond:
                 if server.needs_inference:  # it rejoined without a probe (none was known) and has now answered
                     server.needs_inference = False
                     server.backoff_s = 0.0
+            metrics.pool_requests.labels(server.url).inc()
+            metrics.pool_seconds.labels(server.url).observe(time.monotonic() - started)
             self._release(server, conn, keep=True)
             return result, server.url
         raise InferenceFailed(f"inference failed after {self.retries + 1} attempt(s); last error: {last_error}")
 
     # -- health -----------------------------------------------------------
     def _record_error(self, server: _Server, message: str) -> None:
+        metrics.pool_errors.labels(server.url).inc()  # wherever server.errors counts, the metric does too
         with self._cond:
             server.errors += 1
             server.last_error = message
             server.last_error_at = time.time()
 
     def _mark_down(self, server: _Server, message: str, *, needs_inference: bool = False) -> None:
+        metrics.pool_errors.labels(server.url).inc()
         with self._cond:
             server.errors += 1
             server.last_error = message

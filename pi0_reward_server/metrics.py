@@ -39,7 +39,8 @@ tasks = Counter("reward_tasks", "Tasks ended, by kind and outcome.", ["kind", "o
 task_seconds = Histogram("reward_task_seconds", "Time a task ran.", ["kind"], buckets=TASK_SECONDS)
 task_score = Histogram("reward_task_score", "Scores of tasks that did not fail.", ["kind"], buckets=SCORES)
 pool_requests = Counter("reward_pool_requests", "Model-server round trips answered.", ["server"])
-pool_errors = Counter("reward_pool_errors", "Model-server round trips that failed.", ["server"])
+pool_errors = Counter("reward_pool_errors", "Errors counted against the model server (as /pool_status counts them).",
+                      ["server"])
 pool_retries = Counter("reward_pool_retries", "Round trips retried after this server failed them.", ["server"])
 pool_seconds = Histogram("reward_pool_request_seconds", "Model-server round-trip time.", ["server"],
                          buckets=SECONDS)
