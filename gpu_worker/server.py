@@ -26,6 +26,7 @@ import hmac
 import ipaddress
 import json
 import logging
+import queue
 import signal
 import threading
 import time
@@ -87,29 +88,42 @@ def _settle_answers(items: list) -> None:
             future.set_result(result)
 
 
-async def _on_daemon_thread(fn, *args, **kwargs):
-    """``fn(*args, **kwargs)`` on a daemon thread of its own, awaited: unlike the default executor's
-    threads, the process does not wait for it at exit (a load from a path that hangs must not hold a
-    shutdown)."""
-    loop = asyncio.get_running_loop()
-    done: asyncio.Future = loop.create_future()
+_reload_jobs: "queue.SimpleQueue | None" = None
 
-    def settle(result, error) -> None:
-        if not done.done():
-            done.set_exception(error) if error is not None else done.set_result(result)
 
-    def run() -> None:
+def _reload_worker() -> None:
+    while True:
+        fn, args, kwargs, settle = _reload_jobs.get()
         result, error = None, None
         try:
             result = fn(*args, **kwargs)
         except BaseException as exc:  # noqa: BLE001 - handed to the awaiting coroutine
             error = exc
+        settle(result, error)
+
+
+async def _on_daemon_thread(fn, *args, **kwargs):
+    """``fn(*args, **kwargs)`` on the reload thread, awaited. One long-lived daemon thread: unlike the default
+    executor's threads, the process does not wait for it at exit (a load from a path that hangs must not
+    hold a shutdown), and unlike a thread per call it pays torch's per-thread start-up once."""
+    global _reload_jobs
+    if _reload_jobs is None:
+        _reload_jobs = queue.SimpleQueue()
+        threading.Thread(target=_reload_worker, name="model-reload", daemon=True).start()
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future = loop.create_future()
+
+    def settle_on_loop(result, error) -> None:
+        if not done.done():
+            done.set_exception(error) if error is not None else done.set_result(result)
+
+    def settle(result, error) -> None:
         try:
-            loop.call_soon_threadsafe(settle, result, error)
+            loop.call_soon_threadsafe(settle_on_loop, result, error)
         except RuntimeError:  # the loop is gone: the server stopped meanwhile
             pass
 
-    threading.Thread(target=run, name="model-reload", daemon=True).start()
+    _reload_jobs.put((fn, args, kwargs, settle))
     return await done
 
 
@@ -282,11 +296,14 @@ class ModelServer:
             self._reloading = None
 
     def _release_old_copy(self, batcher: DynamicBatcher, running: object) -> None:
+        """Once the batch running at the swap is done, the old copy's last reference is gone and reference
+        counting frees it. On CUDA its memory then goes back to the device (a collection first, for any
+        cycle that holds tensors; on the CPU that full collection would only pause serving, about 50 ms)."""
         batcher.wait_past(running, timeout=60.0)
-        gc.collect()
         if self.device and self.device.startswith("cuda"):
             import torch
 
+            gc.collect()
             torch.cuda.empty_cache()
 
     def admin_allowed(self) -> bool:
