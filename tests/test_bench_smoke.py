@@ -69,3 +69,18 @@ def test_reload_benchmark_runs(tmp_path):
     assert set(models) == {"cartpole", "large_mlp"}
     assert all(m["failed_requests"] == 0 and m["served_new_after"] and len(m["versions_seen"]) == 2
                for m in models.values())
+
+
+@pytest.mark.slow
+def test_commits_benchmark_runs(tmp_path):
+    import os
+
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("bench_commits pins the server and the load to two CPUs")
+    out = tmp_path / "commits.json"
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_commits.py"), "--base", "HEAD", "--head", "HEAD",
+                             "--rounds", "1", "--clients", "1,2", "--duration", "0.3", "--out", str(out)],
+                            capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(out.read_text())["summary"]
+    assert set(summary) == {"base", "head"} and all(summary[k]["2"]["requests_per_s"] > 0 for k in summary)
