@@ -17,6 +17,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import dataclasses
+import functools
 import logging
 import threading
 import time
@@ -37,7 +38,7 @@ class ShuttingDown(RuntimeError):
     """The batcher no longer accepts work."""
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(slots=True)
 class BatchTiming:
     queue_ms: float
     infer_ms: float
@@ -45,27 +46,35 @@ class BatchTiming:
     batch_requests: int  # requests that shared it
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(slots=True)
 class BatchResult:
     outputs: dict[str, np.ndarray]  # leading axis = this request's rows
     timing: BatchTiming
     version: str = "init"  # the model version whose forward pass produced it
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)
 class Request:
-    """``inputs`` maps each key to an array whose leading axis has ``rows`` rows."""
+    """``inputs`` maps each key to an array whose leading axis has ``rows`` rows.
+
+    ``future`` is where a caller without a ``deliver`` callback waits; it is made only for such callers (a
+    ``concurrent.futures.Future`` holds a condition variable: a few microseconds a request otherwise)."""
 
     inputs: dict[str, np.ndarray]
     rows: int
-    future: concurrent.futures.Future = dataclasses.field(default_factory=concurrent.futures.Future)
+    future: concurrent.futures.Future | None = None
     deliver_to: Any = None  # with a batcher ``deliver`` callback: where the caller waits (opaque here)
     enqueued_at: float = 0.0
-    signature: Signature = ()
 
     def __post_init__(self) -> None:
-        # Strings of different lengths stack fine, so their width is not part of compatibility.
-        self.signature = tuple(
+        if self.future is None and self.deliver_to is None:
+            self.future = concurrent.futures.Future()
+
+    @functools.cached_property
+    def signature(self) -> Signature:
+        """What a batch's requests must share, worked out only for requests that queue (an inline run
+        never needs it). Strings of different lengths stack fine, so their width is not part of it."""
+        return tuple(
             sorted((k, v.shape[1:], "U" if v.dtype.kind == "U" else v.dtype.str) for k, v in self.inputs.items())
         )
 
@@ -138,6 +147,7 @@ class DynamicBatcher:
         self._stopping = False
         self._busy = False
         self._current: list[Request] = []
+        self._past_waiters = 0  # threads in wait_past: an inline run that ends must wake them
         self._thread = threading.Thread(target=self._run, name=f"batcher-{name}", daemon=True)
         # Counters for metrics and status.
         self.batches = 0
@@ -180,11 +190,15 @@ class DynamicBatcher:
         """Wait until the batch that was running at a :meth:`swap` (its token) has finished."""
         deadline = time.monotonic() + timeout
         with self._cond:
-            while running is not None and self._busy and self._current is running:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return False
-                self._cond.wait(left)
+            self._past_waiters += 1
+            try:
+                while running is not None and self._busy and self._current is running:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        return False
+                    self._cond.wait(left)
+            finally:
+                self._past_waiters -= 1
         return True
 
     @property
@@ -219,7 +233,8 @@ class DynamicBatcher:
             self._deliver(items)
             return
         for request, result, error in items:
-            _settle(request.future, result=result, exception=error)
+            if request.future is not None:
+                _settle(request.future, result=result, exception=error)
 
     def stop(self, timeout: float | None = None) -> None:
         """Finish what is queued, then end the thread."""
@@ -308,7 +323,10 @@ class DynamicBatcher:
             with self._cond:
                 self._busy = False
                 self._current = []
-                self._cond.notify_all()  # the batcher thread: requests that queued meanwhile
+                # Wake the batcher thread only when it has work (requests that queued meanwhile) or a stop
+                # to see, and wait_past's callers: a wake-up per inline request would cost a thread switch.
+                if self._queue or self._stopping or self._past_waiters:
+                    self._cond.notify_all()
         return (answers[0][1], answers[0][2]) if answers else None
 
     def _execute(self, batch: list[Request], infer: Callable, version: str,
@@ -333,6 +351,11 @@ class DynamicBatcher:
                 self._on_batch(rows, infer_ms / 1000, [started - r.enqueued_at for r in batch])
             except Exception:  # noqa: BLE001 - metrics never fail a batch
                 logger.warning("batch metrics failed", exc_info=True)
+        if len(batch) == 1:  # the common case at low load: its outputs are the batch's, unsliced
+            timing = BatchTiming(queue_ms=(started - batch[0].enqueued_at) * 1000, infer_ms=infer_ms,
+                                 batch_size=rows, batch_requests=1)
+            answer([(batch[0], BatchResult(outputs, timing, version), None)])
+            return
         offset, answers = 0, []
         for request in batch:
             timing = BatchTiming(

@@ -16,10 +16,14 @@ Names follow Prometheus conventions (``_total`` counters, ``_seconds`` durations
 
 from __future__ import annotations
 
+import bisect
+import math
 from typing import TYPE_CHECKING, Callable, Iterable
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily
+from prometheus_client import CollectorRegistry, Counter, generate_latest
+from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily,
+                                    InfoMetricFamily)
+from prometheus_client.utils import floatToGoString
 
 if TYPE_CHECKING:
     from gpu_worker.server import ModelServer
@@ -51,46 +55,109 @@ class _Live:
         return [queue_requests, queue_rows, info, connections]
 
 
+class _Histogram:
+    """Bucket counts kept as plain numbers. ``observe`` is a bisect and two additions: prometheus_client's
+    Histogram scans its buckets in Python and takes a lock per update, several microseconds a request on
+    the serving path, where a forward pass of a small model takes tens. Each histogram is written by one
+    thread at a time (the thread running that model's batch: the batcher's or, inline, the event loop's);
+    a scrape reads it as it stands."""
+
+    __slots__ = ("bounds", "counts", "total")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last one: above every bound (+Inf)
+        self.total = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.total += value
+
+    def cumulative(self) -> list[tuple[str, float]]:
+        buckets, running = [], 0
+        for bound, count in zip(list(self.bounds) + [math.inf], list(self.counts)):
+            running += count
+            buckets.append((floatToGoString(bound), running))
+        return buckets
+
+
+class _ModelStats:
+    """One hosted model's counters and histograms (see :class:`_Histogram` for who writes them)."""
+
+    __slots__ = ("requests", "rows", "batches", "batch_rows", "queue_wait", "inference")
+
+    def __init__(self) -> None:
+        self.requests = 0
+        self.rows = 0
+        self.batches = 0
+        self.batch_rows = _Histogram(BATCH_BUCKETS)
+        self.queue_wait = _Histogram(SECONDS_BUCKETS)
+        self.inference = _Histogram(SECONDS_BUCKETS)
+
+
+class _Served:
+    """The per-model counters and histograms, turned into metric families at scrape time."""
+
+    def __init__(self, stats: dict[str, _ModelStats]) -> None:
+        self.stats = stats
+
+    def collect(self) -> Iterable:
+        families = {
+            "requests": CounterMetricFamily("gpu_worker_requests", "Requests answered with actions.", labels=["model"]),
+            "rows": CounterMetricFamily("gpu_worker_rows", "Observation rows answered.", labels=["model"]),
+            "batches": CounterMetricFamily("gpu_worker_batches", "Forward passes run.", labels=["model"]),
+        }
+        histograms = {
+            "batch_rows": HistogramMetricFamily("gpu_worker_batch_rows", "Rows per forward pass.", labels=["model"]),
+            "queue_wait": HistogramMetricFamily("gpu_worker_queue_wait_seconds", "Time a request waited for its batch.",
+                                                labels=["model"]),
+            "inference": HistogramMetricFamily("gpu_worker_inference_seconds", "Time of one forward pass.",
+                                               labels=["model"]),
+        }
+        for model, stats in list(self.stats.items()):
+            for key, family in families.items():
+                family.add_metric([model], getattr(stats, key))
+            for key, family in histograms.items():
+                histogram = getattr(stats, key)
+                family.add_metric([model], histogram.cumulative(), histogram.total)
+        return [*families.values(), *histograms.values()]
+
+
 class ServerMetrics:
     def __init__(self, server: ModelServer) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
-        self.requests = Counter("gpu_worker_requests", "Requests answered with actions.", ["model"],
-                                registry=self.registry)
-        self.rows = Counter("gpu_worker_rows", "Observation rows answered.", ["model"], registry=self.registry)
-        self.batches = Counter("gpu_worker_batches", "Forward passes run.", ["model"], registry=self.registry)
-        self.batch_rows = Histogram("gpu_worker_batch_rows", "Rows per forward pass.", ["model"],
-                                    buckets=BATCH_BUCKETS, registry=self.registry)
-        self.queue_wait = Histogram("gpu_worker_queue_wait_seconds", "Time a request waited for its batch.",
-                                    ["model"], buckets=SECONDS_BUCKETS, registry=self.registry)
-        self.inference = Histogram("gpu_worker_inference_seconds", "Time of one forward pass.", ["model"],
-                                   buckets=SECONDS_BUCKETS, registry=self.registry)
         self.errors = Counter("gpu_worker_errors", "Requests answered with an error, by kind.", ["kind"],
                               registry=self.registry)
         for kind in ERROR_KINDS:
             self.errors.labels(kind)  # present at 0 from the start: a rate needs a first sample
+        self._stats: dict[str, _ModelStats] = {}
+        self.registry.register(_Served(self._stats))
         self.registry.register(_Live(server))
-        self._answered: dict[str, tuple] = {}
+
+    def _model(self, model: str) -> _ModelStats:
+        stats = self._stats.get(model)
+        if stats is None:
+            stats = self._stats[model] = _ModelStats()
+        return stats
 
     def observer(self, model: str) -> Callable[[int, float, list[float]], None]:
         """The batcher's per-batch callback: (rows, inference seconds, each request's queue wait)."""
-        batches, batch_rows = self.batches.labels(model), self.batch_rows.labels(model)
-        inference, queue_wait = self.inference.labels(model), self.queue_wait.labels(model)
+        stats = self._model(model)
 
         def observe(rows: int, infer_s: float, waits: list[float]) -> None:
-            batches.inc()
-            batch_rows.observe(rows)
-            inference.observe(infer_s)
+            stats.batches += 1
+            stats.batch_rows.observe(rows)
+            stats.inference.observe(infer_s)
             for wait in waits:
-                queue_wait.observe(wait)
+                stats.queue_wait.observe(wait)
 
         return observe
 
     def answered(self, model: str, rows: int) -> None:
-        children = self._answered.get(model)
-        if children is None:  # labels() costs a lock and a lookup: once per model, not per request
-            children = self._answered[model] = (self.requests.labels(model), self.rows.labels(model))
-        children[0].inc()
-        children[1].inc(rows)
+        """A request answered with actions; called on the event loop only."""
+        stats = self._stats.get(model) or self._model(model)
+        stats.requests += 1
+        stats.rows += rows
 
     def error(self, kind: str) -> None:
         self.errors.labels(kind).inc()

@@ -21,6 +21,7 @@ command line or in a config file, never by a request: the class's
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import importlib
 import pathlib
@@ -43,6 +44,16 @@ class TensorSpec:
         object.__setattr__(self, "shape", tuple(self.shape))
         if self.dtype != STRING:
             np.dtype(self.dtype)  # raises on a bad name at definition time
+
+    @functools.cached_property
+    def numpy_dtype(self) -> np.dtype | None:
+        """The dtype as a numpy dtype (None for strings), worked out once: frames are checked against it."""
+        return None if self.dtype == STRING else np.dtype(self.dtype)
+
+    @functools.cached_property
+    def exact_shape(self) -> tuple[int, ...] | None:
+        """The shape when no dimension is free: an array of exactly this shape needs no further checks."""
+        return None if any(d is None for d in self.shape) else self.shape
 
     def describe(self) -> dict[str, Any]:
         """The form sent in the server metadata: shape (-1 for any) and dtype."""

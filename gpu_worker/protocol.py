@@ -40,6 +40,16 @@ class ParsedFrame:
     is_batch: bool
 
 
+def _is_map(value: Any) -> bool:
+    """``isinstance(value, Mapping)``, answered without the ABC machinery for what msgpack decodes to
+    (a check per observation value, on every request)."""
+    if isinstance(value, dict):
+        return True
+    if isinstance(value, (np.ndarray, np.generic, str, bytes, int, float, list, tuple)) or value is None:
+        return False
+    return isinstance(value, Mapping)
+
+
 def _flatten(obs: Mapping) -> dict[str, Any]:
     """Nested maps to ``a/b`` keys, iteratively, with bounded depth and key length."""
     flat: dict[str, Any] = {}
@@ -54,7 +64,7 @@ def _flatten(obs: Mapping) -> dict[str, Any]:
             name = f"{prefix}{key}"
             if len(name) > MAX_KEY_CHARS:
                 raise ProtocolError(f"observation key {name[:40]!r}... is longer than {MAX_KEY_CHARS} characters")
-            if isinstance(value, Mapping):
+            if _is_map(value):
                 if depth >= MAX_DEPTH:
                     raise ProtocolError(f"observation maps nest deeper than {MAX_DEPTH} levels")
                 stack.append((f"{name}/", value, depth + 1))
@@ -87,6 +97,8 @@ def coerce_value(key: str, value: Any, spec: TensorSpec) -> np.ndarray:
         except UnicodeEncodeError:
             raise ProtocolError(f"observation[{key!r}] is not valid Unicode text (lone surrogates)") from None
         return np.asarray(value)
+    if type(value) is np.ndarray and value.dtype == spec.numpy_dtype and value.shape == spec.exact_shape:
+        return value  # what a well-behaved client sends: nothing to check or convert
     if isinstance(value, (str, bytes, type(None))):
         raise ProtocolError(f"observation[{key!r}] must be {_describe(spec)}, got {type(value).__name__}")
     try:
@@ -97,7 +109,7 @@ def coerce_value(key: str, value: Any, spec: TensorSpec) -> np.ndarray:
         raise ProtocolError(f"observation[{key!r}] must be {_describe(spec)}, got values of dtype {array.dtype}")
     if len(array.shape) != len(spec.shape) or any(e is not None and e != d for e, d in zip(spec.shape, array.shape)):
         raise ProtocolError(f"observation[{key!r}] has shape {tuple(array.shape)}; expected {_describe(spec)}")
-    target = np.dtype(spec.dtype)
+    target = spec.numpy_dtype
     if array.dtype != target:
         if not np.can_cast(array.dtype, target, "same_kind"):
             raise ProtocolError(f"observation[{key!r}] has dtype {array.dtype}; expected {_describe(spec)}")
@@ -107,7 +119,7 @@ def coerce_value(key: str, value: Any, spec: TensorSpec) -> np.ndarray:
 
 def coerce_observation(obs: Any, spec: Mapping[str, TensorSpec], model: str) -> dict[str, np.ndarray]:
     """Check one observation map against a model's input spec. Unknown keys are ignored."""
-    if not isinstance(obs, Mapping):
+    if not _is_map(obs):
         raise ProtocolError(f"an observation must be a map of key -> value, got {type(obs).__name__}")
     flat = _flatten(obs)
     flat.pop(MODEL_KEY, None)
@@ -119,7 +131,7 @@ def coerce_observation(obs: Any, spec: Mapping[str, TensorSpec], model: str) -> 
 
 
 def _model_name(obs: Any, default: str, models: Mapping[str, Any]) -> str:
-    name = obs.get(MODEL_KEY, default) if isinstance(obs, Mapping) else default
+    name = obs.get(MODEL_KEY, default) if _is_map(obs) else default
     if not isinstance(name, str):
         raise ProtocolError(f"{MODEL_KEY!r} must be a string naming a hosted model, got {type(name).__name__}")
     if name not in models:
@@ -131,7 +143,7 @@ def parse_frame(
     frame: Any, *, specs: Mapping[str, Mapping[str, TensorSpec]], default_model: str, max_rows: int
 ) -> ParsedFrame:
     """Validate a decoded frame against the hosted models' input specs."""
-    if isinstance(frame, Mapping):
+    if _is_map(frame):
         model = _model_name(frame, default_model, specs)
         row = coerce_observation(frame, specs[model], model)
         return ParsedFrame(model, {k: v[None] for k, v in row.items()}, 1, False)

@@ -77,6 +77,9 @@ class HostedModel:
         }
 
 
+_INLINE = object()  # an inline request's deliver_to: answered on the spot, never delivered
+
+
 def _settle_answers(items: list) -> None:
     for request, result, error in items:
         future = request.deliver_to
@@ -152,6 +155,7 @@ class ModelServer:
         self._inflight = 0
         self._idle = asyncio.Event()
         self._metadata: dict[str, bytes] = {}
+        self._input_specs: dict[str, Any] = {}  # per hosted model, for parsing frames (set with the metadata)
         self._codec = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="codec")
         self._reloading: str | None = None  # the model being reloaded (one at a time per server)
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -235,6 +239,7 @@ class ModelServer:
 
     def _refresh_metadata(self) -> None:
         self._metadata = {name: wire.packb(self.metadata(name)) for name in self.models}
+        self._input_specs = {name: m.policy.input_spec for name, m in self.models.items()}
 
     async def reload(self, name: str, checkpoint: str, *, abandoned: Callable[[], bool] = lambda: False
                      ) -> dict[str, Any]:
@@ -503,9 +508,8 @@ class ModelServer:
         return await asyncio.get_running_loop().run_in_executor(self._codec, fn, *args)
 
     def _decode(self, frame: bytes, model: str) -> ParsedFrame:
-        specs = {name: m.policy.input_spec for name, m in self.models.items()}
         return parse_frame(
-            wire.unpackb(frame), specs=specs, default_model=model, max_rows=self.config.max_queue
+            wire.unpackb(frame), specs=self._input_specs, default_model=model, max_rows=self.config.max_queue
         )
 
     async def _answer(self, frame: bytes | str, model: str, prev_total_ms: float | None,
@@ -517,7 +521,10 @@ class ModelServer:
             self.metrics.error("shutting_down")
             return "server is shutting down; send this request to another server"
         try:
-            parsed = await self._offload(len(frame), self._decode, frame, model)
+            if len(frame) < self.config.codec_offload_bytes:  # small frames: no coroutine, no thread
+                parsed = self._decode(frame, model)
+            else:
+                parsed = await self._offload(len(frame), self._decode, frame, model)
         except (ProtocolError, wire.WireError) as exc:
             self.metrics.error("bad_request")
             return f"bad request: {exc}"
@@ -526,29 +533,31 @@ class ModelServer:
             self.metrics.error("bad_request")
             return f"bad request: {type(exc).__name__}: {exc}"
         hosted = self.models[parsed.model]
-        answered = asyncio.get_running_loop().create_future()
-        request = BatchRequest(parsed.inputs, parsed.rows, deliver_to=answered)
-        inline = hosted.batcher.run_inline(request) if self._lone(connection) else None
+        inline = None
+        if self._lone(connection):
+            inline = hosted.batcher.run_inline(BatchRequest(parsed.inputs, parsed.rows, deliver_to=_INLINE))
         if inline is not None:
             result, error = inline
-            answered.set_exception(error) if error is not None else answered.set_result(result)
-        try:
-            if inline is None:
-                hosted.batcher.submit(request)
-        except Overloaded as exc:
-            self.metrics.error("overloaded")
-            return str(exc)
-        except ShuttingDown as exc:
+        else:
+            answered = self._loop.create_future()
+            try:
+                hosted.batcher.submit(BatchRequest(parsed.inputs, parsed.rows, deliver_to=answered))
+            except Overloaded as exc:
+                self.metrics.error("overloaded")
+                return str(exc)
+            except ShuttingDown as exc:
+                self.metrics.error("shutting_down")
+                return str(exc)
+            try:
+                result, error = await answered, None
+            except Exception as exc:  # noqa: BLE001 - told to the client below, as an inline error is
+                result, error = None, exc
+        if isinstance(error, ShuttingDown):
             self.metrics.error("shutting_down")
-            return str(exc)
-        try:
-            result = await answered
-        except ShuttingDown as exc:
-            self.metrics.error("shutting_down")
-            return f"server is shutting down: {exc}"
-        except Exception as exc:
+            return f"server is shutting down: {error}"
+        if error is not None:
             self.metrics.error("model_error")
-            return f"model {parsed.model!r} failed: {type(exc).__name__}: {exc}"
+            return f"model {parsed.model!r} failed: {type(error).__name__}: {error}"
         self.metrics.answered(parsed.model, parsed.rows)
         timing = {
             "infer_ms": result.timing.infer_ms,
@@ -563,6 +572,8 @@ class ModelServer:
         )
         size = sum(v.nbytes for v in result.outputs.values())
         try:
+            if size < self.config.codec_offload_bytes:
+                return wire.packb(reply)
             return await self._offload(size, wire.packb, reply)
         except TypeError as exc:
             return f"model {parsed.model!r} returned a value that cannot be sent: {exc}"
