@@ -19,8 +19,10 @@ the message, and the connection stays usable.
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import dataclasses
+import functools
 import gc
 import hmac
 import ipaddress
@@ -34,6 +36,7 @@ from typing import Any, Callable
 
 import websockets
 from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.frames import Frame, Opcode
 from websockets.protocol import State as WsState
 from websockets.http11 import Request, Response
 
@@ -78,17 +81,76 @@ class HostedModel:
 
 
 _INLINE = object()  # an inline request's deliver_to: answered on the spot, never delivered
+MAX_PIPELINED = 16  # requests a connection may have in flight before the server stops reading from it
 
 
 def _settle_answers(items: list) -> None:
+    """A batch's answers, on the event loop: each request's ``deliver_to(result, error)``."""
     for request, result, error in items:
-        future = request.deliver_to
-        if future is None or future.done():  # a connection that went away while its request ran
-            continue
-        if error is not None:
-            future.set_exception(error)
-        else:
-            future.set_result(result)
+        try:
+            request.deliver_to(result, error)
+        except Exception:  # noqa: BLE001 - one answer's failure must not cost the rest of the batch theirs
+            logger.error("delivering an answer failed", exc_info=True)
+
+
+@dataclasses.dataclass(eq=False)
+class _Reply:
+    """One request's place in its connection's reply order: replies go out in the order requests came."""
+
+    started: float
+    payload: bytes | str | None = None  # a msgpack reply, or an error message (sent as a text frame)
+
+
+@dataclasses.dataclass(eq=False)
+class _Session:
+    """A model connection's serving state, after its metadata frame."""
+
+    ws: "_Connection"
+    model: str  # the connection's model (from the URL path), unless a frame names another
+    pending: collections.deque = dataclasses.field(default_factory=collections.deque)  # of _Reply, in order
+    fragments: list | None = None  # a fragmented message being assembled
+    fragments_text: bool = False
+    prev_total_ms: float | None = None  # the last reply's time in the server, told in the next reply
+    reading_paused: bool = False
+
+
+class _Connection(ServerConnection):
+    """A connection whose model requests are answered from the protocol's callback.
+
+    websockets hands each message to a queue that a handler coroutine awaits, and each reply goes back
+    through an awaited ``send``: task switches and futures per request, on the one core that also runs a
+    small model's forward passes. Here a whole data message goes straight to :meth:`ModelServer._on_frame`
+    from ``data_received``, and a reply is written to the transport as soon as it and every earlier reply
+    of the connection are ready. The handshake, pings, closing and admin connections keep websockets' own
+    handling."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.session: _Session | None = None
+        self.early_frames: list | None = []  # data frames that came before the metadata frame went out
+        self._direct: bool | None = None
+
+    def process_event(self, event: Any) -> None:
+        if type(event) is Frame and event.opcode in _DATA_OPCODES and self.request is not None:
+            if self._direct is None:
+                self._direct = self.request.path.split("?", 1)[0] != ADMIN_PATH
+            if self._direct:
+                if self.session is not None:
+                    self.server_ref._on_frame(self.session, event)
+                elif self.early_frames is not None:
+                    self.early_frames.append(event)
+                return
+        super().process_event(event)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self.session is not None:
+            self.server_ref._pace(self.session)
+
+    server_ref: "ModelServer"
+
+
+_DATA_OPCODES = frozenset({Opcode.TEXT, Opcode.BINARY, Opcode.CONT})
 
 
 _reload_jobs: "queue.SimpleQueue | None" = None
@@ -181,11 +243,15 @@ class ModelServer:
             max_size=self.config.max_message_bytes,
             compression=None,
             max_queue=4,
+            create_connection=self._connection_class(),
         )
         port = self._server.sockets[0].getsockname()[1]
         self._loop = asyncio.get_running_loop()
         logger.info("listening on ws://%s:%d (loading models)", self.config.host, port)
         return port
+
+    def _connection_class(self) -> type[_Connection]:
+        return type("ModelServerConnection", (_Connection,), {"server_ref": self})
 
     async def load(self) -> None:
         """Load the models on a daemon thread, so a signal can end the process mid-load."""
@@ -445,28 +511,180 @@ class ModelServer:
         if path == ADMIN_PATH:
             return await self._handle_admin(ws)
         model = path[len(MODEL_PATH_PREFIX) :] if path.startswith(MODEL_PATH_PREFIX) else self.config.default_model
-        peer = ws.remote_address
-        logger.debug("connection from %s (model %s)", peer, model)
-        prev_total_ms: float | None = None
+        logger.debug("connection from %s (model %s)", ws.remote_address, model)
         try:
             await ws.send(self._metadata[model])
-            while True:
-                frame = await ws.recv()
-                started = time.monotonic()
-                self._inflight += 1
-                try:
-                    reply = await self._answer(frame, model, prev_total_ms, ws)
-                    await ws.send(reply)
-                finally:
-                    self._inflight -= 1
-                    if self._inflight == 0:
-                        self._idle.set()
-                prev_total_ms = (time.monotonic() - started) * 1000
         except websockets.ConnectionClosed:
-            pass
-        except Exception:
-            logger.error("connection %s failed", peer, exc_info=True)
-            await ws.close(1011, "internal server error")
+            return
+        session = _Session(ws, model)
+        early, ws.early_frames = ws.early_frames or [], None
+        ws.session = session  # from here on, requests are answered from the protocol callback
+        for frame in early:
+            self._on_frame(session, frame)
+        await ws.wait_closed()
+
+    # -- requests, answered from the protocol callback ---------------------
+    def _on_frame(self, session: _Session, frame: Frame) -> None:
+        """One data frame; a whole message (fragments joined) becomes a request."""
+        if frame.opcode is Opcode.CONT:
+            if session.fragments is None:  # the protocol refuses a continuation with nothing to continue
+                return
+            session.fragments.append(frame.data)
+            if not frame.fin:
+                return
+            data, text = b"".join(session.fragments), session.fragments_text
+            session.fragments = None
+        elif not frame.fin:
+            session.fragments, session.fragments_text = [frame.data], frame.opcode is Opcode.TEXT
+            return
+        else:
+            data, text = frame.data, frame.opcode is Opcode.TEXT
+        reply = _Reply(time.monotonic())
+        session.pending.append(reply)
+        self._inflight += 1
+        try:
+            if text:
+                self.metrics.error("bad_request")
+                self._ready(session, reply, "text frames are not accepted: send one msgpack-encoded observation "
+                                            "per binary frame (openpi wire format)")
+            elif self.draining:
+                self.metrics.error("shutting_down")
+                self._ready(session, reply, "server is shutting down; send this request to another server")
+            elif len(data) >= self.config.codec_offload_bytes:  # large frames: decoded off the event loop
+                decoding = self._loop.run_in_executor(self._codec, self._decode, data, session.model)
+                decoding.add_done_callback(functools.partial(self._decoded, session, reply))
+            else:
+                try:
+                    parsed = self._decode(data, session.model)
+                except Exception as exc:  # noqa: BLE001 - told to the client
+                    self._ready(session, reply, self._bad_frame(exc))
+                else:
+                    self._dispatch(session, reply, parsed)
+        except Exception as exc:  # noqa: BLE001 - a request never costs the server its connection
+            self._failed(session, reply, exc)
+        self._pace(session)
+
+    def _bad_frame(self, exc: BaseException) -> str:
+        self.metrics.error("bad_request")
+        if isinstance(exc, (ProtocolError, wire.WireError)):
+            return f"bad request: {exc}"
+        # anything else a hostile frame can provoke (RecursionError, MemoryError, ...)
+        logger.warning("frame from a client could not be parsed: %s: %s", type(exc).__name__, exc)
+        return f"bad request: {type(exc).__name__}: {exc}"
+
+    def _failed(self, session: _Session, reply: _Reply, exc: BaseException) -> None:
+        logger.error("request on connection %s failed", session.ws.remote_address, exc_info=exc)
+        if reply.payload is None:
+            self._ready(session, reply, f"internal server error: {type(exc).__name__}: {exc}")
+
+    def _decoded(self, session: _Session, reply: _Reply, decoding: asyncio.Future) -> None:
+        try:
+            if decoding.cancelled():
+                self._ready(session, reply, "server is shutting down; send this request to another server")
+            elif decoding.exception() is not None:
+                self._ready(session, reply, self._bad_frame(decoding.exception()))
+            else:
+                self._dispatch(session, reply, decoding.result())
+        except Exception as exc:  # noqa: BLE001
+            self._failed(session, reply, exc)
+
+    def _dispatch(self, session: _Session, reply: _Reply, parsed: ParsedFrame) -> None:
+        hosted = self.models[parsed.model]
+        if self._lone(session.ws):
+            inline = hosted.batcher.run_inline(BatchRequest(parsed.inputs, parsed.rows, deliver_to=_INLINE))
+            if inline is not None:
+                return self._answered(session, reply, parsed, *inline)
+        try:
+            hosted.batcher.submit(BatchRequest(parsed.inputs, parsed.rows,
+                                               deliver_to=functools.partial(self._answered, session, reply, parsed)))
+        except Overloaded as exc:
+            self.metrics.error("overloaded")
+            self._ready(session, reply, str(exc))
+        except ShuttingDown as exc:
+            self.metrics.error("shutting_down")
+            self._ready(session, reply, str(exc))
+
+    def _answered(self, session: _Session, reply: _Reply, parsed: ParsedFrame, result: Any,
+                  error: BaseException | None) -> None:
+        """A request's result (or its model's error): encode the reply, then send what is ready."""
+        try:
+            if isinstance(error, ShuttingDown):
+                self.metrics.error("shutting_down")
+                return self._ready(session, reply, f"server is shutting down: {error}")
+            if error is not None:
+                self.metrics.error("model_error")
+                return self._ready(session, reply, f"model {parsed.model!r} failed: {type(error).__name__}: {error}")
+            self.metrics.answered(parsed.model, parsed.rows)
+            timing = {
+                "infer_ms": result.timing.infer_ms,
+                "queue_ms": result.timing.queue_ms,
+                "batch_size": result.timing.batch_size,
+                "batch_requests": result.timing.batch_requests,
+            }
+            if session.prev_total_ms is not None:
+                timing["prev_total_ms"] = session.prev_total_ms
+            message = build_reply(
+                result.outputs, timing, is_batch=parsed.is_batch, model=parsed.model, version=result.version
+            )
+            if sum(v.nbytes for v in result.outputs.values()) < self.config.codec_offload_bytes:
+                return self._ready(session, reply, self._encode(parsed.model, message))
+            encoding = self._loop.run_in_executor(self._codec, self._encode, parsed.model, message)
+            encoding.add_done_callback(functools.partial(self._encoded, session, reply))
+        except Exception as exc:  # noqa: BLE001
+            self._failed(session, reply, exc)
+
+    @staticmethod
+    def _encode(model: str, message: Any) -> bytes | str:
+        try:
+            return wire.packb(message)
+        except TypeError as exc:
+            return f"model {model!r} returned a value that cannot be sent: {exc}"
+
+    def _encoded(self, session: _Session, reply: _Reply, encoding: asyncio.Future) -> None:
+        if encoding.cancelled():
+            return self._ready(session, reply, "server is shutting down; send this request to another server")
+        if encoding.exception() is not None:
+            return self._failed(session, reply, encoding.exception())
+        self._ready(session, reply, encoding.result())
+
+    def _ready(self, session: _Session, reply: _Reply, payload: bytes | str) -> None:
+        reply.payload = payload
+        if session.pending and session.pending[0] is reply:
+            self._flush(session)
+
+    def _flush(self, session: _Session) -> None:
+        """Write the replies that are ready, in request order, and nothing past the first one that is not."""
+        ws, wrote = session.ws, False
+        while session.pending and session.pending[0].payload is not None:
+            reply = session.pending.popleft()
+            self._inflight -= 1
+            session.prev_total_ms = (time.monotonic() - reply.started) * 1000
+            if ws.protocol.state is WsState.OPEN:  # else the client left: its answer goes nowhere
+                try:
+                    if isinstance(reply.payload, str):
+                        ws.protocol.send_text(reply.payload.encode())
+                    else:
+                        ws.protocol.send_binary(reply.payload)
+                    wrote = True
+                except websockets.InvalidState:
+                    pass
+        if wrote:
+            try:
+                ws.send_data()
+            except Exception:  # noqa: BLE001 - a broken transport: the connection's own close reports it
+                logger.debug("writing to %s failed", ws.remote_address, exc_info=True)
+        if self._inflight == 0:
+            self._idle.set()
+        self._pace(session)
+
+    def _pace(self, session: _Session) -> None:
+        """Stop reading a connection's requests while it has many unanswered or does not read its replies
+        (the transport's write buffer is full); start again once that clears."""
+        hold = len(session.pending) >= MAX_PIPELINED or session.ws.paused
+        if hold != session.reading_paused:
+            session.reading_paused = hold
+            transport = session.ws.transport
+            transport.pause_reading() if hold else transport.resume_reading()
 
     async def _handle_admin(self, ws: ServerConnection) -> None:
         """Admin calls: after a hello frame, one msgpack map in, one out: ``{"command": "reload", "model": name,
@@ -502,81 +720,10 @@ class ModelServer:
         return {"server": "gpu_worker", "device": self.device,
                 "models": {name: {"version": m.version, "checkpoint": m.checkpoint} for name, m in self.models.items()}}
 
-    async def _offload(self, size: int, fn, *args):
-        if size < self.config.codec_offload_bytes:
-            return fn(*args)
-        return await asyncio.get_running_loop().run_in_executor(self._codec, fn, *args)
-
     def _decode(self, frame: bytes, model: str) -> ParsedFrame:
         return parse_frame(
             wire.unpackb(frame), specs=self._input_specs, default_model=model, max_rows=self.config.max_queue
         )
-
-    async def _answer(self, frame: bytes | str, model: str, prev_total_ms: float | None,
-                      connection: object = None) -> bytes | str:
-        if isinstance(frame, str):
-            self.metrics.error("bad_request")
-            return "text frames are not accepted: send one msgpack-encoded observation per binary frame (openpi wire format)"
-        if self.draining:
-            self.metrics.error("shutting_down")
-            return "server is shutting down; send this request to another server"
-        try:
-            if len(frame) < self.config.codec_offload_bytes:  # small frames: no coroutine, no thread
-                parsed = self._decode(frame, model)
-            else:
-                parsed = await self._offload(len(frame), self._decode, frame, model)
-        except (ProtocolError, wire.WireError) as exc:
-            self.metrics.error("bad_request")
-            return f"bad request: {exc}"
-        except Exception as exc:  # anything else a hostile frame can provoke (RecursionError, MemoryError, ...)
-            logger.warning("frame from a client could not be parsed: %s: %s", type(exc).__name__, exc)
-            self.metrics.error("bad_request")
-            return f"bad request: {type(exc).__name__}: {exc}"
-        hosted = self.models[parsed.model]
-        inline = None
-        if self._lone(connection):
-            inline = hosted.batcher.run_inline(BatchRequest(parsed.inputs, parsed.rows, deliver_to=_INLINE))
-        if inline is not None:
-            result, error = inline
-        else:
-            answered = self._loop.create_future()
-            try:
-                hosted.batcher.submit(BatchRequest(parsed.inputs, parsed.rows, deliver_to=answered))
-            except Overloaded as exc:
-                self.metrics.error("overloaded")
-                return str(exc)
-            except ShuttingDown as exc:
-                self.metrics.error("shutting_down")
-                return str(exc)
-            try:
-                result, error = await answered, None
-            except Exception as exc:  # noqa: BLE001 - told to the client below, as an inline error is
-                result, error = None, exc
-        if isinstance(error, ShuttingDown):
-            self.metrics.error("shutting_down")
-            return f"server is shutting down: {error}"
-        if error is not None:
-            self.metrics.error("model_error")
-            return f"model {parsed.model!r} failed: {type(error).__name__}: {error}"
-        self.metrics.answered(parsed.model, parsed.rows)
-        timing = {
-            "infer_ms": result.timing.infer_ms,
-            "queue_ms": result.timing.queue_ms,
-            "batch_size": result.timing.batch_size,
-            "batch_requests": result.timing.batch_requests,
-        }
-        if prev_total_ms is not None:
-            timing["prev_total_ms"] = prev_total_ms
-        reply = build_reply(
-            result.outputs, timing, is_batch=parsed.is_batch, model=parsed.model, version=result.version
-        )
-        size = sum(v.nbytes for v in result.outputs.values())
-        try:
-            if size < self.config.codec_offload_bytes:
-                return wire.packb(reply)
-            return await self._offload(size, wire.packb, reply)
-        except TypeError as exc:
-            return f"model {parsed.model!r} returned a value that cannot be sent: {exc}"
 
 
 async def serve_until_signalled(
