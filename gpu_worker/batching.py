@@ -148,6 +148,10 @@ class DynamicBatcher:
         self._busy = False
         self._current: list[Request] = []
         self._past_waiters = 0  # threads in wait_past: an inline run that ends must wake them
+        # Requests in the last batch. Callers that wait for their answer before sending again (openpi's
+        # clients, rollout workers) come back as many as they were: once that many are queued, waiting out
+        # max_wait_s for more only adds latency. Fewer than last time wait as before, up to max_wait_s.
+        self._last_batch_requests = max_batch_size
         self._thread = threading.Thread(target=self._run, name=f"batcher-{name}", daemon=True)
         # Counters for metrics and status.
         self.batches = 0
@@ -254,6 +258,8 @@ class DynamicBatcher:
                     return
                 deadline = self._queue[0].enqueued_at + self.max_wait_s
                 while self._queued_rows < self.max_batch_size and not self._stopping:
+                    if len(self._queue) >= self._last_batch_requests:
+                        break  # as many callers as last time are in: with lock-step callers, that is all of them
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
                         break
@@ -263,6 +269,7 @@ class DynamicBatcher:
                 if not self._queue:
                     continue
                 batch = self._take_batch()
+                self._last_batch_requests = len(batch)
                 self._busy = True
                 self._current = batch
                 infer, version = self._infer_batch, self.version  # a swap now waits for the next batch
