@@ -54,6 +54,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--base", required=True)
     parser.add_argument("--head", default="HEAD")
+    parser.add_argument("--base-tree", default=None,
+                        help="a copy of --base's files to use instead of a git worktree (where git history is absent)")
+    parser.add_argument("--head-tree", default=None, help="likewise for --head")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--clients", default="1,4,64")
     parser.add_argument("--duration", type=float, default=5.0)
@@ -63,16 +66,22 @@ def main() -> int:
     args = parser.parse_args()
     if len(os.sched_getaffinity(0)) < 2:
         raise SystemExit("needs 2 CPUs: the server pinned to one, the load to another")
-    commits = {"base": rev(args.base), "head": rev(args.head)}
+    given = {"base": args.base_tree, "head": args.head_tree}
+    commits = {label: name if given[label] else rev(name) for label, name in (("base", args.base), ("head", args.head))}
     folder = pathlib.Path(tempfile.mkdtemp(prefix="bench-commits-"))
     script = folder / "child.py"
     script.write_text(CHILD)
-    trees = {}
+    trees: dict[str, pathlib.Path] = {}
+    made: list[pathlib.Path] = []
     try:
         for label, commit in commits.items():
+            if given[label]:
+                trees[label] = pathlib.Path(given[label]).resolve()
+                continue
             trees[label] = folder / label
             subprocess.run(["git", "worktree", "add", "--detach", "-q", str(trees[label]), commit], cwd=ROOT,
                            check=True)
+            made.append(trees[label])
         runs: dict[str, list] = {label: [] for label in commits}
         for _ in range(args.rounds):
             for label in commits:
@@ -81,7 +90,7 @@ def main() -> int:
                                       cwd=trees[label], check=True, capture_output=True, text=True)
                 runs[label].append(json.loads(done.stdout.strip().splitlines()[-1]))
     finally:
-        for tree in trees.values():
+        for tree in made:
             subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=ROOT, capture_output=True)
     levels = args.clients.split(",")
     summary = {label: {c: {"requests_per_s": sum(r[c]["requests_per_s"] for r in runs[label]) / len(runs[label]),

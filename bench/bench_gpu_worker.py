@@ -15,6 +15,13 @@ Measures, in one run so the ratios are side by side:
    clients send large explicit batch frames, with large-frame (de)coding off
    the event loop (the default) and on it.
 
+``--side-by-side`` runs instead the comparison the serving path is judged by: for a small
+(64-256-256-8) and a wide (64-2048-2048-8) MLP at 1, 4 and 64 clients, gpu_worker, the serial
+openpi-style server, LitServe (the batching server users would otherwise pick; best of a 0 and a
+2 ms batch timeout; needs ``pip install litserve``) and the direct forward at batch N, each server
+pinned to one CPU and the load generator to another, with each server's CPU time per request.
+It writes ``bench/results/gpu_worker_side_by_side_<device>.json``.
+
 Servers run in their own processes; the load comes from this one.
 Prints a table and writes JSON.
 """
@@ -147,6 +154,75 @@ def load(url: str, obs: dict, clients: int, duration: float) -> dict:
     return asyncio.run(run())
 
 
+def http_load(url: str, obs: dict, clients: int, duration: float) -> dict:
+    """Like :func:`load`, for an HTTP/JSON server (LitServe's ``POST /predict``): ``clients`` keep-alive
+    connections, each sending its next request when the last is answered."""
+    host, port = url.split("//", 1)[1].rsplit(":", 1)
+    body = json.dumps({k: np.asarray(v).tolist() for k, v in obs.items()}).encode()
+    request = (f"POST /predict HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
+               f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+
+    async def exchange(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(request)
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = re.search(rb"(?i)content-length:\s*(\d+)", head)
+        reply = await reader.readexactly(int(length.group(1)) if length else 0)
+        if not head.startswith(b"HTTP/1.1 200"):
+            raise RuntimeError(f"{url} answered {head.splitlines()[0]!r}: {reply[:200]!r}")
+
+    async def run() -> dict:
+        connections = [await asyncio.open_connection(host, int(port)) for _ in range(clients)]
+        for reader, writer in connections:
+            await exchange(reader, writer)
+        latencies: list[float] = []
+        stop_at = time.perf_counter() + duration
+
+        async def worker(reader, writer) -> None:
+            while time.perf_counter() < stop_at:
+                t0 = time.perf_counter()
+                await exchange(reader, writer)
+                latencies.append((time.perf_counter() - t0) * 1000)
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker(r, w) for r, w in connections))
+        elapsed = time.perf_counter() - started
+        for _, writer in connections:
+            writer.close()
+        return {"requests_per_s": len(latencies) / elapsed, "p50_ms": pct(latencies, 50),
+                "p99_ms": pct(latencies, 99)}
+
+    return asyncio.run(run())
+
+
+def tree_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) used so far by process ``pid`` and all its descendants."""
+    import psutil
+
+    total = 0.0
+    try:
+        root = psutil.Process(pid)
+        for proc in [root, *root.children(recursive=True)]:
+            try:
+                times = proc.cpu_times()
+                total += times.user + times.system
+            except psutil.Error:
+                pass
+    except psutil.Error:
+        pass
+    return total
+
+
+def measured(pid: int, run) -> dict:
+    """``run()``'s load figures plus the server's CPU time per request (its whole process tree)."""
+    before = tree_cpu_s(pid)
+    started = time.perf_counter()
+    figures = run()
+    cpu = tree_cpu_s(pid) - before
+    requests = figures["requests_per_s"] * (time.perf_counter() - started)
+    figures["server_cpu_us_per_request"] = cpu / max(requests, 1) * 1e6
+    return figures
+
+
 def direct_batched(policy, obs: dict, batch: int, duration: float, device: str) -> float:
     stacked = {k: np.repeat(np.asarray(v)[None], batch, axis=0) for k, v in obs.items()}
     for _ in range(3):
@@ -203,6 +279,136 @@ def start_serial(model: str, device: str = "cpu", options: dict | None = None,
     return proc, f"ws://127.0.0.1:{match.group(1)}"
 
 
+def start_litserve(target: str, options: dict, device: str, batch_timeout: float,
+                   cpus: set[int] | None) -> tuple[subprocess.Popen, str]:
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "bench" / "litserve_server.py"), "--model", f"compute={target}",
+         "--options", json.dumps(options), "--device", device, "--batch-timeout", str(batch_timeout)],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"} if cpus else None,
+        preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None,  # its workers inherit it
+        start_new_session=True,
+    )
+    for line in proc.stdout:
+        match = re.search(r"listening on (http://\S+)", line)
+        if match:
+            return proc, match.group(1)
+    proc.kill()
+    raise RuntimeError("LitServe did not start (pip install litserve)")
+
+
+def stop_tree(proc: subprocess.Popen) -> None:
+    import signal
+
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(10)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+MODELS = {"small": (256, 2), "wide": (2048, 2)}  # ComputeMLP (width, depth): 64-256-256-8 and 64-2048-2048-8
+GOALS = "small, 64 clients: >= 1.5x serial; small, 1 client: >= 1.0x serial; wide, 64 clients: >= 0.8x direct"
+
+
+def side_by_side(args, levels: list[int]) -> dict:
+    """gpu_worker, serial, LitServe and the direct forward, per model and client count, in one run."""
+    server_cpus = {args.server_cpu} if args.pin else None
+    if args.pin:
+        os.sched_setaffinity(0, {args.load_cpu})
+    try:
+        import litserve  # noqa: F401
+
+        litserve_timeouts = [0.0, 0.002]
+    except ImportError:
+        print("litserve is not installed (pip install litserve): its columns are left out")
+        litserve_timeouts = []
+    out: dict = {}
+    for name in args.models.split(","):
+        width, depth = MODELS[name]
+        model = ModelConfig(name="compute", target="gpu_worker.models.compute_mlp:ComputeMLP",
+                            options={"width": width, "depth": depth})
+        rows: dict = {str(c): {} for c in levels}
+        direct_rows_per_s = direct_forward(model, levels, args, server_cpus)
+        for c in levels:
+            rows[str(c)]["direct_batched_rps"] = direct_rows_per_s[c]
+        env = {"OMP_NUM_THREADS": "1"} if args.pin else None
+        server = start_server_process(ServerConfig(port=0, device=args.device, models=(model,),
+                                                   log_level="WARNING"), env=env)
+        if server_cpus:
+            os.sched_setaffinity(server.process.pid, server_cpus)
+        try:
+            for c in levels:
+                rows[str(c)]["gpu_worker"] = measured(server.process.pid,
+                                                      lambda: load(server.url, compute_obs(), c, args.duration))
+        finally:
+            server.stop()
+        serial, url = start_serial(f"compute={model.target}", args.device, model.options, env=env)
+        if server_cpus:
+            os.sched_setaffinity(serial.pid, server_cpus)
+        try:
+            for c in levels:
+                rows[str(c)]["serial"] = measured(serial.pid, lambda: load(url, compute_obs(), c, args.duration))
+        finally:
+            serial.terminate()
+            serial.wait(10)
+        for timeout in litserve_timeouts:
+            proc, url = start_litserve(model.target, model.options, args.device, timeout, server_cpus)
+            try:
+                for c in levels:
+                    figures = measured(proc.pid, lambda: http_load(url, compute_obs(), c, args.duration))
+                    figures["batch_timeout_s"] = timeout
+                    best = rows[str(c)].get("litserve")
+                    if best is None or figures["requests_per_s"] > best["requests_per_s"]:
+                        rows[str(c)]["litserve"] = figures
+            finally:
+                stop_tree(proc)
+        out[name] = {"width": width, "depth": depth, "throughput": rows}
+    if args.pin:
+        os.sched_setaffinity(0, set(range(os.cpu_count() or 1)))
+    return out
+
+
+def direct_forward(model: ModelConfig, levels: list[int], args, cpus: set[int] | None) -> dict[int, float]:
+    """Rows per second of the bare batched forward at each batch size, on the servers' CPU and threads."""
+    import torch
+
+    previous = (os.sched_getaffinity(0), torch.get_num_threads())
+    if cpus:
+        os.sched_setaffinity(0, cpus)
+        torch.set_num_threads(1)
+    try:
+        policy = load_model(model.target, None, device=args.device, options=model.options)
+        return {c: direct_batched(policy, compute_obs(), c, args.duration, args.device) for c in levels}
+    finally:
+        os.sched_setaffinity(0, previous[0])
+        torch.set_num_threads(previous[1])
+
+
+def print_side_by_side(r: dict) -> None:
+    print(f"\nSide by side on {r['device_name']} (torch {r['torch']}); servers pinned: {r['pinned']}; "
+          f"requests/s (p50 ms) [server CPU us per request]")
+    for name, entry in r["side_by_side"].items():
+        print(f"\n  {name} MLP 64-{entry['width']}" + f"-{entry['width']}" * (entry["depth"] - 1) + "-8")
+        print("  clients | gpu_worker              | serial openpi-style     | LitServe (best timeout)  "
+              "| direct at batch N | gw/serial | gw/direct")
+        for c, row in entry["throughput"].items():
+            def cell(key: str) -> str:
+                f = row.get(key)
+                if f is None:
+                    return f"{'-':>23}"
+                return (f"{f['requests_per_s']:7.0f} ({f['p50_ms']:5.2f}) "
+                        f"[{f['server_cpu_us_per_request']:4.0f}]")
+            g, s = row["gpu_worker"], row["serial"]
+            print(f"  {c:>7} | {cell('gpu_worker')} | {cell('serial')} | {cell('litserve')}  "
+                  f"| {row['direct_batched_rps']:17.0f} | {g['requests_per_s'] / s['requests_per_s']:8.2f}x "
+                  f"| {g['requests_per_s'] / row['direct_batched_rps']:8.2f}x")
+    print(f"\n  goals: {GOALS}")
+
+
 def device_name(device: str) -> str:
     if device.startswith("cuda"):
         import torch
@@ -226,16 +432,38 @@ def main() -> int:
     parser.add_argument("--compute-width", type=int, default=1024)
     parser.add_argument("--compute-depth", type=int, default=4)
     parser.add_argument("--pin", action="store_true",
-                        help="throughput: each server on CPU 0, this load generator on CPU 1 (Linux, 2+ CPUs)")
+                        help="throughput: each server on --server-cpu, this load generator on --load-cpu "
+                             "(Linux, 2+ CPUs)")
+    parser.add_argument("--server-cpu", type=int, default=0)
+    parser.add_argument("--load-cpu", type=int, default=1)
+    parser.add_argument("--side-by-side", action="store_true",
+                        help="only the gpu_worker / serial / LitServe / direct table (see the module docstring)")
+    parser.add_argument("--models", default="small,wide", help="--side-by-side: small, wide or both")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     levels = [int(c) for c in args.clients.split(",")]
+    if args.pin and len(os.sched_getaffinity(0)) < 2:
+        parser.error("--pin needs 2 CPUs: the server on one, the load generator on another")
+    unknown = set(args.models.split(",")) - set(MODELS)
+    if unknown:
+        parser.error(f"--models: unknown {sorted(unknown)}; known: {sorted(MODELS)}")
     import torch
 
     results: dict = {
         "device": args.device, "device_name": device_name(args.device), "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d"),
     }
+    if args.side_by_side:
+        results["pinned"] = args.pin
+        results["duration_s"] = args.duration
+        results["side_by_side"] = side_by_side(args, levels)
+        print_side_by_side(results)
+        out = pathlib.Path(args.out or ROOT / "bench" / "results" /
+                           f"gpu_worker_side_by_side_{args.device.split(':')[0]}.json")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(results, indent=2) + "\n")
+        print(f"\nwrote {out}")
+        return 0
     wait_opts = {} if args.max_wait_ms is None else {"max_wait_ms": args.max_wait_ms}
 
     # 1. Latency.
@@ -263,8 +491,8 @@ def main() -> int:
 
     def pin(pid: int) -> None:
         if args.pin:
-            os.sched_setaffinity(pid, {0})
-            os.sched_setaffinity(0, {1})
+            os.sched_setaffinity(pid, {args.server_cpu})
+            os.sched_setaffinity(0, {args.load_cpu})
 
     throughput = {str(c): {} for c in levels}
     for c in levels:

@@ -179,18 +179,31 @@ class TorchPolicy:
     def metadata(self) -> dict[str, Any]:
         return {}
 
+    # Inputs at least this large go to a CUDA device from pinned (page-locked) host memory, copied
+    # asynchronously; smaller ones are copied directly (pinning costs more than it saves for them).
+    # None: never pin.
+    pin_host_bytes: ClassVar[int | None] = 64 * 1024
+
     def infer_batch(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         torch = _torch()
         param_dtype = getattr(self, "_param_dtype", torch.float32)
+        pin_from = self.pin_host_bytes if str(getattr(self, "device", "cpu")).startswith("cuda") else None
         with torch.inference_mode():
             inputs: dict[str, Any] = {}
             for key, value in batch.items():
                 if value.dtype.kind == "U":
                     inputs[key] = value
                     continue
-                if not value.flags.writeable or not value.flags.c_contiguous:
-                    value = np.array(value)  # torch refuses read-only buffers (frames decode read-only)
-                tensor = torch.from_numpy(value).to(self.device, non_blocking=True)
+                if pin_from is not None and value.nbytes >= pin_from:
+                    # One copy into page-locked memory, then an asynchronous copy to the device.
+                    dtype = torch.from_numpy(np.empty(0, value.dtype)).dtype
+                    tensor = torch.empty(value.shape, dtype=dtype, pin_memory=True)
+                    tensor.numpy()[...] = value
+                else:
+                    if not value.flags.writeable or not value.flags.c_contiguous:
+                        value = np.array(value)  # torch refuses read-only buffers (frames decode read-only)
+                    tensor = torch.from_numpy(value)
+                tensor = tensor.to(self.device, non_blocking=True)
                 if tensor.is_floating_point():
                     tensor = tensor.to(param_dtype)
                 inputs[key] = tensor

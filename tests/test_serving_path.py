@@ -6,6 +6,7 @@ tests pin down that replies still come one per request, in request order."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from websockets.sync.client import connect
 
 from conftest import affine
@@ -75,3 +76,51 @@ def test_a_large_pipelined_frame_decoded_off_the_loop_keeps_its_place(start_serv
         for i in range(20):
             ws.send(state(float(i)))
         assert [answer(ws.recv(timeout=10)) for _ in range(20)] == [2.0 * i + 1 for i in range(20)]
+
+
+def _cuda_count() -> int:
+    try:
+        import torch
+
+        return torch.cuda.device_count()
+    except Exception:  # noqa: BLE001
+        return 0
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(_cuda_count() == 0, reason="needs a CUDA GPU")
+def test_cuda_server_answers_as_the_cpu_forward_does_for_lone_batched_and_pinned_inputs(start_server):
+    """The CUDA path: a lone request (inline), concurrent ones (batched) and an explicit batch large enough
+    to go through pinned host memory (over 64 KiB) all get the CPU model's answers."""
+    import threading
+
+    from gpu_worker.client import ModelClient
+    from gpu_worker.config import ModelConfig
+    from gpu_worker.model import load_model
+
+    options = {"width": 256, "depth": 2}
+    model = ModelConfig(name="compute", target="gpu_worker.models.compute_mlp:ComputeMLP", options=options)
+    server = start_server(models=(model,), device="cuda", max_batch_size=512)  # one 300-row forward
+    reference = load_model(model.target, None, device="cpu", options=options)
+    rng = np.random.default_rng(0)
+    states = rng.normal(size=(300, 64)).astype(np.float32)  # 300 x 64 x 4 bytes = 75 KiB: pinned
+    expected = reference.infer_batch({"observation/state": states})["actions"]
+    with ModelClient(server.url) as client:
+        assert client.metadata["server"]["device"] == "cuda"
+        lone = client.infer({"observation/state": states[0]})["actions"]
+        batch = client.infer_batch([{"observation/state": s} for s in states])
+    np.testing.assert_allclose(lone, expected[0], atol=1e-4)
+    np.testing.assert_allclose(np.stack([r["actions"] for r in batch]), expected, atol=1e-4)
+    answers: dict[int, np.ndarray] = {}
+
+    def call(i: int) -> None:
+        with ModelClient(server.url) as client:
+            for j in range(i, 300, 8):
+                answers[j] = client.infer({"observation/state": states[j]})["actions"]
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    np.testing.assert_allclose(np.stack([answers[j] for j in range(300)]), expected, atol=1e-4)
