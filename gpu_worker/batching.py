@@ -177,7 +177,12 @@ class DynamicBatcher:
             request.enqueued_at = time.monotonic()
             self._queue.append(request)
             self._queued_rows += request.rows
-            self._cond.notify()
+            # Wake the batcher thread only when it has something to do: a first request to start a batch
+            # for, or a batch that is now complete. Between those it sleeps until its max_wait_s deadline;
+            # a wake-up per request would cost a thread switch (and the GIL's hand-over) each time.
+            if (len(self._queue) == 1 or len(self._queue) >= self._last_batch_requests
+                    or self._queued_rows >= self.max_batch_size):
+                self._cond.notify()
         return request.future
 
     def swap(self, infer_batch: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]],
