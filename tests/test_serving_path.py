@@ -89,15 +89,16 @@ def _cuda_count() -> int:
 
 @pytest.mark.cuda
 @pytest.mark.skipif(_cuda_count() == 0, reason="needs a CUDA GPU")
-def test_cuda_server_answers_as_the_cpu_forward_does_for_lone_batched_and_pinned_inputs(start_server):
+def test_cuda_server_answers_as_the_cpu_forward_does_for_lone_batched_and_pinned_inputs(start_server, monkeypatch):
     """The CUDA path: a lone request (inline), concurrent ones (batched) and an explicit batch large enough
-    to go through pinned host memory (over 64 KiB) all get the CPU model's answers."""
+    to go through pinned host memory (over 64 KiB, with pinning turned on) all get the CPU model's answers."""
     import threading
 
     from gpu_worker.client import ModelClient
     from gpu_worker.config import ModelConfig
-    from gpu_worker.model import load_model
+    from gpu_worker.model import TorchPolicy, load_model
 
+    monkeypatch.setattr(TorchPolicy, "pin_host_bytes", 64 * 1024)
     options = {"width": 256, "depth": 2}
     model = ModelConfig(name="compute", target="gpu_worker.models.compute_mlp:ComputeMLP", options=options)
     server = start_server(models=(model,), device="cuda", max_batch_size=512)  # one 300-row forward
