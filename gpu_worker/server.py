@@ -584,13 +584,16 @@ class ModelServer:
             elif decoding.exception() is not None:
                 self._ready(session, reply, self._bad_frame(decoding.exception()))
             else:
-                self._dispatch(session, reply, decoding.result())
+                self._dispatch(session, reply, decoding.result(), inline=False)
         except Exception as exc:  # noqa: BLE001
             self._failed(session, reply, exc)
 
-    def _dispatch(self, session: _Session, reply: _Reply, parsed: ParsedFrame) -> None:
+    def _dispatch(self, session: _Session, reply: _Reply, parsed: ParsedFrame, inline: bool = True) -> None:
+        """Run a request inline when it may (see :meth:`_lone`), else queue it on its model's batcher. A
+        frame large enough to be decoded off the loop is never run inline: its model is a large one (images),
+        and its forward pass belongs on the batcher thread, where the loop keeps moving other bytes."""
         hosted = self.models[parsed.model]
-        if self._lone(session.ws):
+        if inline and self._lone(session.ws):
             inline = hosted.batcher.run_inline(BatchRequest(parsed.inputs, parsed.rows, deliver_to=_INLINE))
             if inline is not None:
                 return self._answered(session, reply, parsed, *inline)
