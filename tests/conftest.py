@@ -59,6 +59,16 @@ def _reset_gate():
     yield
 
 
+def cuda_count() -> int:
+    """GPUs torch sees here (0 without torch's CUDA build): CUDA tests skip cleanly without one."""
+    try:
+        import torch
+
+        return torch.cuda.device_count()
+    except Exception:  # noqa: BLE001
+        return 0
+
+
 def http_status(url: str, timeout: float = 5.0) -> int | None:
     try:
         with urllib.request.urlopen(url, timeout=timeout) as response:

@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import ROOT, http_status
+from conftest import ROOT, cuda_count, http_status
 from gpu_worker import wire
 from gpu_worker.client import ModelClient
 from gpu_worker.config import ModelConfig, ServerConfig
@@ -167,19 +167,10 @@ def test_spawned_server_reports_a_load_failure(tmp_path):
         start_server_process(config, timeout=60)
 
 
-def _cuda_count() -> int:
-    try:
-        import torch
-
-        return torch.cuda.device_count()
-    except Exception:  # noqa: BLE001
-        return 0
-
-
 @pytest.mark.cuda
-@pytest.mark.skipif(_cuda_count() == 0, reason="needs a CUDA GPU")
+@pytest.mark.skipif(cuda_count() == 0, reason="needs a CUDA GPU")
 def test_cuda_server_is_pinned_to_the_visible_gpu(cli_server):
-    gpu = str(_cuda_count() - 1)
+    gpu = str(cuda_count() - 1)
     server = cli_server("--model", "m=gpu_worker.models.compute_mlp:ComputeMLP", env={"CUDA_VISIBLE_DEVICES": gpu})
     server.wait_healthy()
     with ModelClient(server.url) as client:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from websockets.sync.client import connect
 
-from conftest import affine
+from conftest import affine, cuda_count
 from gpu_worker import wire
 
 
@@ -78,17 +78,9 @@ def test_a_large_pipelined_frame_decoded_off_the_loop_keeps_its_place(start_serv
         assert [answer(ws.recv(timeout=10)) for _ in range(20)] == [2.0 * i + 1 for i in range(20)]
 
 
-def _cuda_count() -> int:
-    try:
-        import torch
-
-        return torch.cuda.device_count()
-    except Exception:  # noqa: BLE001
-        return 0
-
 
 @pytest.mark.cuda
-@pytest.mark.skipif(_cuda_count() == 0, reason="needs a CUDA GPU")
+@pytest.mark.skipif(cuda_count() == 0, reason="needs a CUDA GPU")
 def test_cuda_server_answers_as_the_cpu_forward_does_for_lone_batched_and_pinned_inputs(start_server, monkeypatch):
     """The CUDA path: a lone request (inline), concurrent ones (batched) and an explicit batch large enough
     to go through pinned host memory (over 64 KiB, with pinning turned on) all get the CPU model's answers."""
