@@ -527,7 +527,9 @@ def create_app(config: AppConfig | Mapping[str, Any] | None = None, *, pool: Cli
             url = check_server_url(body["url"])
         except ValueError as exc:
             raise BadRequest("url", str(exc)) from None
-        where = body.get("where", {})
+        where = body.get("where")
+        if where is None:
+            return url, None
         if (not isinstance(where, dict) or len(where) > MAX_WHERE_FIELDS
                 or not all(isinstance(k, str) and len(k) <= 64 for k in where)
                 or len(json.dumps(where)) > 4096):
@@ -545,6 +547,8 @@ def create_app(config: AppConfig | Mapping[str, Any] | None = None, *, pool: Cli
             url, where = membership_body({"url", "where"})
         except BadRequest as exc:
             return jsonify(error=str(exc), field=exc.field), 400
+        if where is None:  # a repeated registration without it keeps what was said before
+            where = store.members().get(url, {}).get("where") or {}
         where = {**where, "source": where.get("source", "admin")}
         store.set_member(url, True, where)
         added = pool.add_server(url, where)
