@@ -125,3 +125,17 @@ def test_every_app_process_follows_membership_changes_through_the_store(start_se
     # A third app process started now begins with the membership as it stands.
     late = make_app(model_servers=(first.url,), token=TOKEN)
     assert late.extensions["client_pool"].urls == [second.url]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"execution": "cluster"}, "execution must be 'local' or 'ray'"),
+    ({"ray_task_cpus": 0}, "ray_task_cpus must be a number of CPUs"),
+    ({"ray_max_retries": -1}, "ray_max_retries must be an integer between 0 and 100"),
+    ({"ray_address": 6379}, "ray_address must be a string"),
+    ({"membership_interval_s": 0}, "membership_interval_s must be a positive number of seconds"),
+])
+def test_scale_out_settings_are_checked(overrides, message):
+    from pi0_reward_server.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=message):
+        load_config(overrides, environ={})

@@ -228,3 +228,61 @@ def test_cancelling_a_job_stops_its_ray_tasks(cluster, start_server, make_app):
     result = client.get(f"/jobs/{job_id}").get_json()["result"]
     assert len(result["details"]) == len(many)
     assert all(d["error"] and "JobCancelled" in d["error"] for d in result["details"]), result["details"]
+
+
+def test_the_launcher_cli_registers_servers_and_deregisters_them_on_sigterm(cluster, serve_app, start_server):
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    configured = start_server(models=(CARTPOLE,), log_level="WARNING")
+    app = serve_app(model_servers=(configured.url,), token=TOKEN, membership_interval_s=0.2)
+    pool = app.app.extensions["client_pool"]
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "pi0_reward_server.scale", "servers", "--address", cluster.address,
+         "--cpu-servers", "1", "--cpus-per-server", "0.25", "--app-url", app.url, "--grace-s", "2", "--",
+         "--model", "cartpole=gpu_worker.models.cartpole:CartPolePolicy", "--log-level", "WARNING"],
+        cwd=ROOT, env={**os.environ, "REWARD_SERVER_TOKEN": TOKEN}, stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL, text=True)
+    try:
+        line = launcher.stdout.readline()
+        assert line, "the launcher printed no server"
+        server = json.loads(line)
+        assert server["source"] == "ray" and server["url"] in pool.urls
+        wait_for(lambda: pool.healthy_servers == 2, what="the launched server to come up")
+        launcher.send_signal(signal.SIGTERM)
+        assert launcher.wait(60) == 0
+        assert pool.urls == [configured.url]
+        wait_for(lambda: not pathlib.Path(f"/proc/{server['pid']}").exists()
+                 or pathlib.Path(f"/proc/{server['pid']}/stat").read_text().split()[2] == "Z",
+                 what="the launched server process to exit")
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["servers", "--gpu-servers", "1", "--cpu-servers", "1"], "not both"),
+    (["servers", "--cpu-servers", "0"], "--cpu-servers must be between 1 and 4096"),
+    (["servers", "--cpus-per-server", "-1"], "--cpus-per-server must be in (0, 1024]"),
+    (["servers", "--app-url", "app:6006"], "must start with http:// or https://"),
+    (["servers", "--app-url", "http://app:6006", "--token-env", "NO_SUCH_TOKEN_VAR"], "$NO_SUCH_TOKEN_VAR"),
+])
+def test_the_launcher_cli_names_bad_flags(argv, message, capsys):
+    from pi0_reward_server.scale.__main__ import parse
+
+    with pytest.raises(SystemExit) as exited:
+        parse(argv)
+    assert exited.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_launch_servers_refuses_what_it_cannot_do(cluster):
+    from pi0_reward_server.scale.ray_servers import launch_servers
+
+    with pytest.raises(ValueError, match=r"must not set \['--port'\]"):
+        launch_servers(1, num_gpus=0, server_args=["--port", "8000"])
+    with pytest.raises(RuntimeError, match="the Ray cluster has no GPU"):
+        launch_servers(num_gpus=1)
+    with pytest.raises(ValueError, match="count must be a positive integer"):
+        launch_servers(0, num_gpus=0)

@@ -96,7 +96,8 @@ def ensure_ray(address: str | None, *, num_cpus: int | None = None) -> bool:
 
 
 class RayRunner:
-    """Runs a job's tasks as Ray tasks, at most ``max_in_flight`` at once, results reported as they end."""
+    """Runs a job's tasks as Ray tasks, results reported as they end. At most ``max(max_workers, the cluster's
+    task slots)`` are submitted at once, so a cancelled job has little queued in Ray to take back."""
 
     def __init__(self, *, urls: Callable[[], list[str]], pool_options: dict[str, Any], failure_score: float,
                  address: str | None = None, task_cpus: float = 1.0, max_retries: int = 3,
@@ -136,24 +137,29 @@ class RayRunner:
         def cancelled() -> bool:
             return self._closed.is_set() or bool(trackers) and trackers[0].cancelled()
 
-        while next_task < len(tasks) or in_flight:
-            if cancelled() or time.monotonic() > deadline + DEADLINE_GRACE_S:
-                reason = ("JobCancelled: the job was cancelled" if cancelled() else
-                          f"TimeoutError: the request's time limit ({budget_s:g}s, max_request_seconds) ran out")
-                self._stop(tasks, in_flight, finish, reason)
-                for i in range(next_task, len(tasks)):  # never sent
-                    finish(i, self._failure(tasks[i], reason))
-                break
-            while next_task < len(tasks) and len(in_flight) < limit:
-                tracker = trackers[next_task] if trackers is not None else None
-                ref = self._remote.remote(tasks[next_task], urls, self._pool_options, deadline_wall, budget_s,
-                                          self.failure_score, tracker)
-                in_flight[ref] = next_task
-                next_task += 1
-            ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=0.2)
-            for ref in ready:
-                i = in_flight.pop(ref)
-                finish(i, self._collect(ref, tasks[i], "JobCancelled: the job was cancelled"))
+        try:
+            while next_task < len(tasks) or in_flight:
+                if cancelled() or time.monotonic() > deadline + DEADLINE_GRACE_S:
+                    reason = ("JobCancelled: the job was cancelled" if cancelled() else
+                              f"TimeoutError: the request's time limit ({budget_s:g}s, max_request_seconds) ran out")
+                    self._stop(tasks, in_flight, finish, reason)
+                    for i in range(next_task, len(tasks)):  # never sent
+                        finish(i, self._failure(tasks[i], reason))
+                    break
+                while next_task < len(tasks) and len(in_flight) < limit:
+                    tracker = trackers[next_task] if trackers is not None else None
+                    ref = self._remote.remote(tasks[next_task], urls, self._pool_options, deadline_wall, budget_s,
+                                              self.failure_score, tracker)
+                    in_flight[ref] = next_task
+                    next_task += 1
+                ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=0.2)
+                for ref in ready:
+                    i = in_flight.pop(ref)
+                    finish(i, self._collect(ref, tasks[i], "JobCancelled: the job was cancelled"))
+        except BaseException:
+            for ref in in_flight:  # the job is failing (its store, an interrupt): its Ray work must not run on
+                ray.cancel(ref, force=False)
+            raise
         return results  # type: ignore[return-value]
 
     def _collect(self, ref, task, cancelled_reason: str) -> TaskResult:
