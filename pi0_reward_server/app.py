@@ -493,11 +493,15 @@ def create_app(config: AppConfig | Mapping[str, Any] | None = None, *, pool: Cli
             logger.info("pool membership: %d server(s); joined %s, left %s", len(urls), added, removed)
 
     def follow_membership() -> None:
+        last_error = None
         while not stop_following.wait(settings.membership_interval_s) and not pool.closed:
             try:
                 apply_membership()
+                last_error = None
             except StoreError as exc:  # keep the pool as it is until the store answers again
-                logger.warning("cannot read the pool membership: %s", exc)
+                if str(exc) != last_error:  # once per outage, not once a second
+                    logger.warning("cannot read the pool membership: %s", exc)
+                last_error = str(exc)
             except Exception:  # noqa: BLE001 - the thread must outlive one bad round
                 logger.error("following the pool membership failed", exc_info=True)
 
@@ -518,11 +522,11 @@ def create_app(config: AppConfig | Mapping[str, Any] | None = None, *, pool: Cli
             return unauthorized()
         return None
 
-    def membership_body(methods_fields: set[str]):
+    def membership_body(fields: set[str]):
         body = request.get_json(silent=True, force=True)
-        if not isinstance(body, dict) or set(body) - methods_fields or "url" not in body:
+        if not isinstance(body, dict) or set(body) - fields or "url" not in body:
             raise BadRequest("body", "must be a JSON object {'url': 'ws://host:port'"
-                                     + (", 'where': {<where it runs>}}" if "where" in methods_fields else "}"))
+                                     + (", 'where': {<where it runs>}}" if "where" in fields else "}"))
         try:
             url = check_server_url(body["url"])
         except ValueError as exc:
