@@ -124,7 +124,9 @@ def create_app(config: AppConfig | Mapping[str, Any] | None = None, *, pool: Cli
             return runners[0]
 
     def ray_runner():
-        """The Ray runner, connected on first use (after any gunicorn fork: each worker is its own driver)."""
+        """The Ray runner, made when the app is (after any gunicorn fork: each worker is its own driver).
+        Not on first use: a Ray started here ties its own processes (GCS, raylet) to the thread that started
+        it, and a job's thread ends with its job."""
         from pi0_reward_server.scale.ray_rollouts import RayRunner
 
         with runners_lock:
@@ -140,6 +142,8 @@ def create_app(config: AppConfig | Mapping[str, Any] | None = None, *, pool: Cli
             return runner
 
     app.extensions["libero_runners"] = runners  # every runner close_app must close (worker processes, Ray)
+    if settings.execution == "ray":
+        ray_runner()  # connect (or start Ray) now, on this long-lived thread, and fail at start if it cannot
     admission = Admission(settings.max_inflight_tasks)
     app.extensions["admission"] = admission
 

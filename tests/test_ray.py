@@ -308,3 +308,40 @@ def test_the_ray_benchmark_runs_and_writes_json(tmp_path):
     assert [(r["kind"], r["mode"]) for r in figures["rows"]] == [("gym", "thread"), ("gym", "ray")]
     assert all(r["tasks_per_s"] > 0 for r in figures["rows"]) and figures["overhead_per_task_ms"]["samples"] == 2
     assert figures["cluster_estimate"]["assumptions"] and "shared" in figures["machine"]
+
+
+def test_an_app_with_no_ray_address_starts_its_own_ray_and_shuts_it_down(tmp_path):
+    """The default ray_address (empty): the app process starts a Ray instance of its own on first use and
+    stops it when closed. In a fresh process, away from the module's cluster."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    script = """
+import json, ray
+from gpu_worker.config import ServerConfig, ModelConfig
+from gpu_worker.server import ServerThread
+from pi0_reward_server.app import create_app
+server = ServerThread(ServerConfig(port=0, log_level="WARNING", models=(
+    ModelConfig.parse("cartpole=gpu_worker.models.cartpole:CartPolePolicy"),))).start()
+app = create_app({"model_servers": (server.url,), "execution": "ray", "ray_num_cpus": 1, "log_level": "WARNING"})
+body = app.test_client().post("/score", json={"responses": ["cartpole_short"],
+                                              "reward_function_kwargs": {"episodes": 2}}).get_json()
+[runner] = app.extensions["libero_runners"]
+started = runner._started_ray and ray.cluster_resources().get("CPU")
+app.extensions["job_runner"].close()
+for runner in app.extensions["libero_runners"]:
+    runner.close()
+app.extensions["client_pool"].close()
+server.stop(grace_s=1)
+print(json.dumps({"scores": body["scores"], "node": body["details"][0].get("ray_node") is not None,
+                  "cpus": started, "after": ray.is_initialized()}))
+"""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # set by the module's ray.init
+    env["REWARD_DATA_DIR"] = str(tmp_path / "data")
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=180)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == {"scores": [1.0], "node": True, "cpus": 1.0,
+                                                                  "after": False}

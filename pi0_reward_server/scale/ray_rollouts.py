@@ -62,17 +62,21 @@ def run_remote(task, urls: list[str], pool_options: dict[str, Any], deadline_wal
 
     deadline = time.monotonic() + (deadline_wall - time.time())
     options: dict[str, Any] = {}
+    kept_env = None
     if task.backend == "libero":
-        from pi0_reward_server.jobs.processes import _cached_make_env
+        from pi0_reward_server.jobs import processes
         from pi0_reward_server.kinds.libero import render_check
 
         if not _rendering_checked:
             render_check()
             _rendering_checked = True
-        options["env_factory"] = _cached_make_env
+        options["env_factory"] = processes._cached_make_env
+        kept_env = processes._cached_env
     pool = _pool_for(urls, pool_options)
     result = run_task(task, lambda model: DeadlinePolicy(PoolPolicy(pool, model), deadline, budget_s),
                       failure_score, tracker=tracker, **options)
+    if task.backend == "libero":  # whether this worker's environment from an earlier task served this one
+        result.extra["env_reused"] = kept_env is not None and processes._cached_env is kept_env
     result.extra["ray_node"] = ray.get_runtime_context().get_node_id()
     result.extra["ray_worker_pid"] = os.getpid()
     return result
@@ -87,7 +91,8 @@ def ensure_ray(address: str | None, *, num_cpus: int | None = None) -> bool:
         if address:
             ray.init(address=address, namespace="pi0_reward_server", log_to_driver=False)
         else:
-            ray.init(num_cpus=num_cpus, namespace="pi0_reward_server", log_to_driver=False, include_dashboard=False)
+            ray.init(address="local", num_cpus=num_cpus, namespace="pi0_reward_server", log_to_driver=False,
+                     include_dashboard=False)  # a new instance, not one RAY_ADDRESS names
     except ConnectionError as exc:
         raise RuntimeError(f"no Ray cluster at ray_address={address!r}: start one with 'ray start --head' "
                            f"(and 'ray start --address=<head>:6379' on the other nodes), or leave ray_address "
