@@ -118,7 +118,7 @@ def main() -> None:
     server = start_server_process(ServerConfig(port=0, models=MODELS, log_level="WARNING"))
     urls = [server.url]
     do_libero = args.libero_tasks > 0 and libero_backend.available()
-    rows, table = [], []
+    rows: list[dict] = []
     overhead: dict = {}
     try:
         with ClientPool(urls).start(wait_s=10) as pool:
