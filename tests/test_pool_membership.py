@@ -139,3 +139,20 @@ def test_scale_out_settings_are_checked(overrides, message):
 
     with pytest.raises(ConfigError, match=message):
         load_config(overrides, environ={})
+
+
+def test_an_openpi_style_server_added_by_hand_serves_score(start_server, openpi_servers, make_app):
+    """The admin route adds any openpi-compatible server: one that takes one map per frame and hosts its one
+    policy (the shipped CartPole policy here, as openpi hosts a checkpoint)."""
+    configured = start_server(models=(affine(),))
+    openpi = openpi_servers(model="gpu_worker.models.cartpole:CartPolePolicy")
+    app = make_app(model_servers=(configured.url,), token=TOKEN)
+    client = app.test_client()
+    assert client.post("/admin/pool/servers", json={"url": openpi.url}, headers=AUTH).status_code == 201
+    assert client.delete("/admin/pool/servers", json={"url": configured.url}, headers=AUTH).status_code == 200
+    pool = app.extensions["client_pool"]
+    wait_for(lambda: pool.healthy_servers == 1, what="the openpi-style server to come up")
+    body = client.post("/score", headers=AUTH, json={
+        "responses": [{"task": "cartpole_short", "seed": 3, "episodes": 2}]}).get_json()
+    assert body["failures"] == 0 and body["scores"] == [1.0] and body["details"][0]["servers"] == [openpi.url]
+    assert pool.status()["servers"][0]["server"] == "openpi-compatible"
