@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         group = launch_servers(args.cpu_servers if cpu else args.gpu_servers, server_args=args.server_args,
                                num_gpus=0.0 if cpu else 1.0, num_cpus=args.cpus_per_server if cpu else None,
                                bind_host=args.bind_host, registrar=registrar)
-    except (RuntimeError, ValueError, TimeoutError) as exc:
+    except (RuntimeError, ValueError, TimeoutError, ray.exceptions.RayError) as exc:  # a server that failed to start
         print(f"error: {exc}", file=sys.stderr)
         return 1
     for server in group.servers:
