@@ -1,5 +1,6 @@
 """The reward app: ``POST /score``, jobs (``POST /jobs``, ``GET /jobs``, ``GET|DELETE /jobs/<id>``,
-``GET /jobs/<id>/events``), ``GET /pool_status``, ``GET /health``, ``GET /metrics``, ``GET /dashboard``.
+``GET /jobs/<id>/events``), ``GET /pool_status``, ``GET /health``, ``GET /metrics``, ``GET /dashboard``;
+admin routes (the token): ``POST /admin/models/<name>/reload``, ``POST|DELETE /admin/pool/servers``.
 
 Run it with ``flask --app 'pi0_reward_server.app:create_app()' run`` in
 development or ``gunicorn -c pi0_reward_server/gunicorn_config.py
@@ -12,20 +13,22 @@ from __future__ import annotations
 
 import atexit
 import hmac
+import importlib.util
 import json
 import logging
 import os
 import pathlib
 import threading
 import time
+import urllib.parse
 from typing import Any, Mapping
 
 from flask import Flask, Response, jsonify, request, stream_with_context
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from pi0_reward_server import metrics
-from pi0_reward_server.client_pool import ClientPool
-from pi0_reward_server.config import AppConfig, load_config
+from pi0_reward_server.client_pool import ClientPool, check_server_url
+from pi0_reward_server.config import AppConfig, ConfigError, load_config
 from pi0_reward_server.integrations.openrlhf import blueprint as openrlhf_blueprint
 from pi0_reward_server.jobs.runner import JobRunner
 from pi0_reward_server.jobs.store_memory import MemoryStore
@@ -35,6 +38,7 @@ from pi0_reward_server.policies import DeadlinePolicy, PoolPolicy
 from pi0_reward_server.kinds.registry import Limits, TaskError, parse_task, task_work, validate_kwargs
 
 logger = logging.getLogger("pi0_reward_server")
+MAX_WHERE_FIELDS = 16  # what a registrar may say about where a server runs (node, actor, GPUs)
 MAX_STREAMS = 8  # event streams open at once per worker process (each holds a request thread)
 STREAM_SECONDS = 600.0  # then the stream ends and the client reconnects (its retry is 2 s)
 
@@ -88,8 +92,13 @@ def create_app(config: AppConfig | Mapping[str, Any] | None = None, *, pool: Cli
         retries=settings.retries,
         api_key=settings.model_api_key,
     )
+    if settings.execution == "ray" and importlib.util.find_spec("ray") is None:
+        raise ConfigError("execution = 'ray' needs the ray extra: pip install -e '.[ray]' (scripts/install_ray.sh)")
     if pool is None:
         pool = ClientPool(settings.model_servers, **pool_options).start(wait_s=settings.connect_timeout_s)
+    for url in settings.model_servers:
+        if url in pool.urls:
+            pool.add_server(url, {"source": "config", "host": urllib.parse.urlparse(url).hostname})
     app.extensions["client_pool"] = pool
     limits = Limits(
         max_episodes=settings.max_episodes_per_task,
@@ -114,7 +123,27 @@ def create_app(config: AppConfig | Mapping[str, Any] | None = None, *, pool: Cli
                 runners.append(runner)
             return runners[0]
 
-    app.extensions["libero_runners"] = runners
+    def ray_runner():
+        """The Ray runner, made when the app is (after any gunicorn fork: each worker is its own driver).
+        Not on first use: a Ray started here ties its own processes (GCS, raylet) to the thread that started
+        it, and a job's thread ends with its job."""
+        from pi0_reward_server.scale.ray_rollouts import RayRunner
+
+        with runners_lock:
+            found = [r for r in runners if isinstance(r, RayRunner)]
+            if found:
+                return found[0]
+            runner = RayRunner(urls=lambda: pool.urls, pool_options=pool_options,
+                               failure_score=settings.failure_score, address=settings.ray_address or None,
+                               task_cpus=settings.ray_task_cpus, max_retries=settings.ray_max_retries,
+                               num_cpus=settings.ray_num_cpus or None)
+            atexit.register(runner.close)
+            runners.append(runner)
+            return runner
+
+    app.extensions["libero_runners"] = runners  # every runner close_app must close (worker processes, Ray)
+    if settings.execution == "ray":
+        ray_runner()  # connect (or start Ray) now, on this long-lived thread, and fail at start if it cannot
     admission = Admission(settings.max_inflight_tasks)
     app.extensions["admission"] = admission
 
@@ -183,6 +212,8 @@ def create_app(config: AppConfig | Mapping[str, Any] | None = None, *, pool: Cli
     app.extensions["job_store"] = store
 
     def run_job_tasks(tasks: list, max_workers: int, deadline: float, trackers: list, on_result) -> list:
+        if settings.execution == "ray":
+            return ray_runner().run(tasks, max_workers, deadline, trackers, on_result)
         budget = max(0.0, deadline - time.monotonic())
         offload = None
         if settings.libero_execution == "process" and any(t.backend == "libero" for t in tasks):
@@ -451,6 +482,104 @@ def create_app(config: AppConfig | Mapping[str, Any] | None = None, *, pool: Cli
         serving = {s["url"]: s["versions"].get(name) for s in pool.status()["servers"]}  # what each serves now
         return jsonify(model=name, checkpoint=checkpoint, consistent=ok, message=message, servers=outcomes,
                        versions=serving), (200 if ok else 502)
+
+    def apply_membership() -> None:
+        """Bring this process's pool to the membership every app process shares through the store: the
+        configured servers, plus those added, less those removed, by hand or by a launcher."""
+        members = store.members()
+        urls = [u for u in settings.model_servers if members.get(u, {}).get("member", True)]
+        urls += [u for u, m in members.items() if m["member"] and u not in urls]
+        added, removed = pool.set_servers(urls, {u: m["where"] for u, m in members.items() if m["member"]})
+        for url in urls:
+            if url in members and url not in added:
+                pool.add_server(url, members[url]["where"])  # where it runs may have been updated
+        if added or removed:
+            logger.info("pool membership: %d server(s); joined %s, left %s", len(urls), added, removed)
+
+    def follow_membership() -> None:
+        last_error = None
+        while not stop_following.wait(settings.membership_interval_s) and not pool.closed:
+            try:
+                apply_membership()
+                last_error = None
+            except StoreError as exc:  # keep the pool as it is until the store answers again
+                if str(exc) != last_error:  # once per outage, not once a second
+                    logger.warning("cannot read the pool membership: %s", exc)
+                last_error = str(exc)
+            except Exception:  # noqa: BLE001 - the thread must outlive one bad round
+                logger.error("following the pool membership failed", exc_info=True)
+
+    stop_following = threading.Event()
+    atexit.register(stop_following.set)
+    app.extensions["stop_membership"] = stop_following
+    try:
+        apply_membership()  # servers added before this process started are in its pool from the start
+    except StoreError as exc:
+        logger.error("cannot read the pool membership: %s", exc)
+    threading.Thread(target=follow_membership, name="pool-membership", daemon=True).start()
+
+    def admin_refused():
+        """The admin routes need the app's token, even from loopback (a local proxy would make that everyone)."""
+        if settings.token is None:
+            return jsonify(error="admin routes need the app's token: set REWARD_SERVER_TOKEN"), 403
+        if not authorized():
+            return unauthorized()
+        return None
+
+    def membership_body(fields: set[str]):
+        body = request.get_json(silent=True, force=True)
+        if not isinstance(body, dict) or set(body) - fields or "url" not in body:
+            raise BadRequest("body", "must be a JSON object {'url': 'ws://host:port'"
+                                     + (", 'where': {<where it runs>}}" if "where" in fields else "}"))
+        try:
+            url = check_server_url(body["url"])
+        except ValueError as exc:
+            raise BadRequest("url", str(exc)) from None
+        where = body.get("where")
+        if where is None:
+            return url, None
+        if (not isinstance(where, dict) or len(where) > MAX_WHERE_FIELDS
+                or not all(isinstance(k, str) and len(k) <= 64 for k in where)
+                or len(json.dumps(where)) > 4096):
+            raise BadRequest("where", f"must be an object of at most {MAX_WHERE_FIELDS} fields (4 KiB of JSON)")
+        return url, where
+
+    @app.post("/admin/pool/servers")
+    def add_pool_server():
+        """A model server joins the pool of every app process (recorded in the job store; each process
+        follows within ``membership_interval_s``, this one at once). Needs the token."""
+        refused = admin_refused()
+        if refused:
+            return refused
+        try:
+            url, where = membership_body({"url", "where"})
+        except BadRequest as exc:
+            return jsonify(error=str(exc), field=exc.field), 400
+        if where is None:  # a repeated registration without it keeps what was said before
+            where = store.members().get(url, {}).get("where") or {}
+        where = {**where, "source": where.get("source", "admin")}
+        store.set_member(url, True, where)
+        added = pool.add_server(url, where)
+        logger.info("model server %s added to the pool by request (%s)", url, where)
+        return jsonify(url=url, added=added, servers=pool.urls), (201 if added else 200)
+
+    @app.delete("/admin/pool/servers")
+    def remove_pool_server():
+        """A model server leaves the pool of every app process; requests in flight there still get their
+        answer (or a retry elsewhere). Needs the token."""
+        refused = admin_refused()
+        if refused:
+            return refused
+        try:
+            url, _ = membership_body({"url"})
+        except BadRequest as exc:
+            return jsonify(error=str(exc), field=exc.field), 400
+        if url not in pool.urls:
+            return jsonify(error=f"model server {url!r} is not in the pool", field="url", servers=pool.urls), 404
+        store.set_member(url, False)
+        pool.remove_server(url)
+        logger.info("model server %s removed from the pool by request", url)
+        return jsonify(url=url, removed=True, servers=pool.urls)
 
     @app.get("/pool_status")
     def pool_status():

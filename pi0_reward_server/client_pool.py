@@ -32,7 +32,12 @@ Rules it keeps:
   any other (openpi's ``WebsocketPolicyServer``) gets exactly one observation
   map per frame, and :meth:`ClientPool.infer_batch` spreads the maps over
   several connections and servers at once. ``__model__`` goes only to servers
-  that announce model selection; one that does not serves its one policy.
+  that announce model selection; one that does not serves its one policy;
+* membership can change while it runs (:meth:`ClientPool.add_server`,
+  :meth:`ClientPool.remove_server`): a new server enters through the same
+  probe as one coming back; a removed one takes no new request, and its
+  borrowed connections are closed as they are given back, so a request in
+  flight there still gets its one answer (or its retry elsewhere).
 """
 
 from __future__ import annotations
@@ -91,6 +96,18 @@ def _request_was_at_fault(exc: BaseException) -> bool:
     return isinstance(exc, websockets.ConnectionClosed) and received is not None and received.code == 1009
 
 
+def check_server_url(url: Any) -> str:
+    """A model server URL must be ``ws://host:port`` (or wss): anything else is refused here, by name."""
+    parsed = urllib.parse.urlparse(url) if isinstance(url, str) else None
+    try:
+        port = parsed.port if parsed is not None else None
+    except ValueError:
+        port = None
+    if parsed is None or parsed.scheme not in ("ws", "wss") or not parsed.hostname or not port:
+        raise ValueError(f"model server URL {str(url)[:200]!r} must look like ws://host:port")
+    return url
+
+
 def health_url(ws_url: str) -> str:
     parsed = urllib.parse.urlparse(ws_url)
     scheme = "https" if parsed.scheme == "wss" else "http"
@@ -121,6 +138,8 @@ class _Server:
     versions: dict = dataclasses.field(default_factory=dict)  # hosted model -> version, from the metadata
     default_model: str | None = None
     batch_rows: collections.deque = dataclasses.field(default_factory=lambda: collections.deque(maxlen=256))
+    where: dict = dataclasses.field(default_factory=dict)  # where it runs (node, Ray actor), as its registrar said
+    removed: bool = False  # taken out of the pool: no new requests; its connections close when given back
 
     @property
     def load(self) -> int:
@@ -149,8 +168,11 @@ class ClientPool:
         api_key: str | None = None,
         client_factory: Callable[..., ModelClient] = ModelClient,
         report_gauges: bool = True,
+        allow_empty: bool = False,
     ) -> None:
-        if not urls:
+        for url in urls:
+            check_server_url(url)
+        if not urls and not allow_empty:
             raise ValueError("a ClientPool needs at least one model server URL")
         if len(set(urls)) != len(urls):
             raise ValueError(f"model server URLs must be distinct, got {list(urls)}")
@@ -219,6 +241,63 @@ class ClientPool:
     def healthy_servers(self) -> int:
         with self._cond:
             return sum(s.state == UP for s in self._servers)
+
+    # -- membership -------------------------------------------------------
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def urls(self) -> list[str]:
+        with self._cond:
+            return [s.url for s in self._servers]
+
+    def add_server(self, url: str, where: dict[str, Any] | None = None) -> bool:
+        """Add a model server (True), or update where an existing one runs (False). It enters rotation
+        through the health thread's probe and connect, like a server coming back; no restart needed."""
+        check_server_url(url)
+        with self._cond:
+            if self._closed:
+                raise PoolError("the client pool is closed")
+            for server in self._servers:
+                if server.url == url:
+                    server.where = dict(where or server.where)
+                    return False
+            self._servers.append(_Server(url, where=dict(where or {})))
+            self._cond.notify_all()
+        self._wake.set()
+        logger.info("model server %s joined the pool%s", url, f" ({where})" if where else "")
+        return True
+
+    def remove_server(self, url: str) -> bool:
+        """Take a model server out of the pool (True; False when it was not in it). Requests in flight
+        there finish or fail over as usual; their connections are closed when given back."""
+        with self._cond:
+            server = next((s for s in self._servers if s.url == url), None)
+            if server is None:
+                return False
+            self._servers.remove(server)
+            server.removed = True
+            server.state = DOWN
+            to_close = list(server.idle)
+            server.idle.clear()
+            self._cond.notify_all()
+        for conn in to_close:
+            _quiet_close(conn)
+        if self._report_gauges:
+            metrics.pool_up.labels(url).set(0)
+            metrics.pool_in_flight.labels(url).set(0)
+        logger.info("model server %s left the pool", url)
+        return True
+
+    def set_servers(self, urls: list[str], where: dict[str, dict] | None = None) -> tuple[list[str], list[str]]:
+        """Make the pool hold exactly ``urls``: (added, removed). A worker process follows its app's
+        membership this way."""
+        where = where or {}
+        current = set(self.urls)
+        added = [u for u in urls if u not in current and self.add_server(u, where.get(u))]
+        removed = [u for u in current if u not in set(urls) and self.remove_server(u)]
+        return added, removed
 
     # -- borrowing --------------------------------------------------------
     def _open(self, server: _Server) -> ModelClient:
@@ -436,7 +515,7 @@ class ClientPool:
             if self._closed:
                 raise PoolError("the client pool is closed")
             if self._fanout is None:
-                workers = min(64, len(self._servers) * self.max_connections_per_server)
+                workers = min(64, max(4, len(self._servers)) * self.max_connections_per_server)  # servers may join later
                 self._fanout = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="pool-fanout")
             return self._fanout
 
@@ -589,7 +668,9 @@ class ClientPool:
             probed, error = self._probe_inference(opened[0])
         usable = [c for c in opened if not getattr(c, "broken", False)]
         with self._cond:
-            if usable and error is None and not self._closed:
+            if server.removed:
+                pass  # taken out while it was being checked: its fresh connections are closed below
+            elif usable and error is None and not self._closed:
                 was = server.state
                 server.state = UP
                 server.reconnect_at = 0.0
@@ -712,6 +793,7 @@ class ClientPool:
                     "reconnect_in_s": round(max(0.0, s.reconnect_at - time.monotonic()), 2) if s.state == DOWN else None,
                     "needs_inference": s.needs_inference,
                     "versions": dict(s.versions),
+                    "where": dict(s.where),
                     "batch_rows_mean": round(float(np.mean(s.batch_rows)), 2) if s.batch_rows else None,
                 })
         return {

@@ -43,6 +43,14 @@ class AppConfig:
     max_simulations_per_request: int = 20_000_000  # selfplay: sum of games x simulations x longest game
     libero_execution: str = "process"  # "process" (spawned workers; faster, measured) or "thread"
     libero_processes: int = 2  # worker processes for LIBERO tasks (each holds an environment, ~2 GB)
+    # Scale-out on Ray (the "ray" extra): "local" runs tasks here (threads; LIBERO per libero_execution),
+    # "ray" runs every task (gym, LIBERO, self-play) as a Ray task anywhere in the cluster.
+    execution: str = "local"
+    ray_address: str = ""  # "" starts a Ray instance in this process; "auto" joins this node's cluster; host:port
+    ray_num_cpus: int = 0  # a Ray started here: CPUs it may use (0: all)
+    ray_task_cpus: float = 1.0  # CPUs each rollout task reserves
+    ray_max_retries: int = 3  # a task whose Ray worker dies is run again, at most this often
+    membership_interval_s: float = 1.0  # how often each app process reads added/removed model servers
     max_request_seconds: float = 1700.0  # tasks still running then fail (under gunicorn's 1800 s timeout)
     max_responses: int = 1024
     max_episodes_per_task: int = 1000
@@ -86,6 +94,8 @@ class AppConfig:
             ("max_concurrent_jobs", 1, 1024),
             ("max_env_steps_per_request", 1, 10**12),
             ("libero_processes", 1, 256),
+            ("ray_num_cpus", 0, 1_000_000),
+            ("ray_max_retries", 0, 100),
             ("max_simulations_per_request", 1, 10**12),
             ("max_responses", 1, 1_000_000),
             ("max_episodes_per_task", 1, 1_000_000),
@@ -101,7 +111,8 @@ class AppConfig:
             raise ConfigError("connections_per_server cannot exceed max_connections_per_server")
         for name in ("acquire_timeout_s", "request_timeout_s", "connect_timeout_s", "health_interval_s",
                      "probe_interval_s", "backoff_initial_s", "backoff_max_s", "max_request_seconds",
-                     "max_job_seconds", "job_stale_s", "job_retention_s", "openrlhf_timeout_s"):
+                     "max_job_seconds", "job_stale_s", "job_retention_s", "openrlhf_timeout_s",
+                     "membership_interval_s"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"{name} must be a positive number of seconds, got {value!r}")
@@ -111,6 +122,13 @@ class AppConfig:
             raise ConfigError(f"job_store must be 'sqlite', 'redis' or 'memory', got {self.job_store!r}")
         if self.libero_execution not in ("process", "thread"):
             raise ConfigError(f"libero_execution must be 'process' or 'thread', got {self.libero_execution!r}")
+        if self.execution not in ("local", "ray"):
+            raise ConfigError(f"execution must be 'local' or 'ray', got {self.execution!r}")
+        if not isinstance(self.ray_address, str):
+            raise ConfigError(f"ray_address must be a string ('', 'auto' or host:port), got {self.ray_address!r}")
+        cpus = self.ray_task_cpus
+        if not isinstance(cpus, (int, float)) or isinstance(cpus, bool) or not 0 < cpus <= 1024:
+            raise ConfigError(f"ray_task_cpus must be a number of CPUs in (0, 1024], got {cpus!r}")
         if not isinstance(self.failure_score, (int, float)) or isinstance(self.failure_score, bool):
             raise ConfigError(f"failure_score must be a number, got {self.failure_score!r}")
         if self.token is not None and (not isinstance(self.token, str) or len(self.token) < 8):

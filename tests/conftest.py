@@ -134,6 +134,7 @@ class CliServer:
 def close_app(app) -> None:
     """Everything a reward app holds: its job runner, client pool and LIBERO worker processes."""
     app.extensions["job_runner"].close()
+    app.extensions["stop_membership"].set()
     app.extensions["client_pool"].close()
     for runner in app.extensions["libero_runners"]:
         runner.close()

@@ -173,3 +173,17 @@ def test_a_full_database_is_a_store_error_that_names_it(tmp_path):
         for i in range(1000):
             store.create_job(f"j{i}", {"responses": ["x" * 2000]}, [{"n": n} for n in range(20)], [1] * 20)
     assert store.get("j0") is not None  # what was written before stays readable
+
+
+def test_pool_membership_is_recorded_and_read_back(store):
+    """Model servers added or removed while the apps run: the last word per URL, with where it runs."""
+    assert store.members() == {}
+    store.set_member("ws://10.0.0.1:8000", True, {"node_ip": "10.0.0.1", "source": "ray"})
+    store.set_member("ws://10.0.0.2:8000", True)
+    store.set_member("ws://10.0.0.2:8000", False)
+    members = store.members()
+    assert set(members) == {"ws://10.0.0.1:8000", "ws://10.0.0.2:8000"}
+    assert members["ws://10.0.0.1:8000"]["member"] is True
+    assert members["ws://10.0.0.1:8000"]["where"] == {"node_ip": "10.0.0.1", "source": "ray"}
+    assert members["ws://10.0.0.2:8000"]["member"] is False and members["ws://10.0.0.2:8000"]["where"] == {}
+    assert all(isinstance(m["updated"], float) for m in members.values())

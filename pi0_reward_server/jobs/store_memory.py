@@ -19,6 +19,7 @@ class MemoryStore:
         self._jobs: dict[str, dict] = {}
         self._keys: dict[str, str] = {}
         self._cache: dict[str, tuple[float, dict]] = {}
+        self._members: dict[str, dict] = {}
 
     def create_job(self, job_id, request, specs, units, *, idempotency_key=None):
         with self._lock:
@@ -145,3 +146,12 @@ class MemoryStore:
     def remember(self, key, result):
         with self._lock:
             self._cache[key] = (time.time(), copy.deepcopy(result))
+
+    # -- model server membership ----------------------------------------------
+    def set_member(self, url, member, where=None):
+        with self._lock:
+            self._members[url] = {"member": bool(member), "where": dict(where or {}), "updated": time.time()}
+
+    def members(self):
+        with self._lock:
+            return copy.deepcopy(self._members)

@@ -6,7 +6,8 @@ Same interface and states as the SQLite store. Layout, under a prefix (default `
 * ``{p}:job:{id}:{field}``: one hash per task field (``spec``, ``state``, ``score``, ``result``,
   ``units_done``, ``units_total``, ``cached``), keyed by task index, so progress is one ``HSET``;
 * ``{p}:jobs``: job ids in a sorted set by creation time; ``{p}:idem:{key}``: the job of an
-  Idempotency-Key; ``{p}:cache:{key}``: a cached result, expiring after the retention.
+  Idempotency-Key; ``{p}:cache:{key}``: a cached result, expiring after the retention;
+* ``{p}:pool_members``: model servers added or removed while the apps run, URL -> JSON.
 
 State changes that must not race (start, cancel, finish) run as Lua scripts, which Redis executes
 atomically.
@@ -254,6 +255,15 @@ class RedisStore:
 
     def remember(self, key, result):
         self._call(self._redis.set, self._key("cache", key), json.dumps(result), ex=max(1, int(self.retention_s)))
+
+    # -- model server membership ----------------------------------------------
+    def set_member(self, url, member, where=None):
+        entry = {"member": bool(member), "where": where or {}, "updated": time.time()}
+        self._call(self._redis.hset, self._key("pool_members"), url, json.dumps(entry))
+
+    def members(self):
+        raw = self._call(self._redis.hgetall, self._key("pool_members"))
+        return {url: json.loads(entry) for url, entry in raw.items()}
 
 
 def _safe(url: str) -> str:

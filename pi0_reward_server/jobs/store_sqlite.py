@@ -48,6 +48,12 @@ CREATE TABLE IF NOT EXISTS tasks (
     cached INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (job_id, idx)
 );
+CREATE TABLE IF NOT EXISTS pool_members (
+    url TEXT PRIMARY KEY,
+    member INTEGER NOT NULL,
+    "where" TEXT NOT NULL,
+    updated REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS cache (
     key TEXT PRIMARY KEY,
     result TEXT NOT NULL,
@@ -264,6 +270,19 @@ class SQLiteStore:
         with self._write() as db:
             db.execute("INSERT OR REPLACE INTO cache (key, result, created) VALUES (?, ?, ?)",
                        (key, json.dumps(result), time.time()))
+
+    # -- model server membership ----------------------------------------------
+    def set_member(self, url: str, member: bool, where: dict | None = None) -> None:
+        """A model server joined (``member``) or left the pool by hand or by a launcher; every app
+        process follows it (a table beside the jobs: older apps ignore it, so no schema version bump)."""
+        with self._write() as db:
+            db.execute('INSERT OR REPLACE INTO pool_members (url, member, "where", updated) VALUES (?, ?, ?, ?)',
+                       (url, int(bool(member)), json.dumps(where or {}), time.time()))
+
+    def members(self) -> dict[str, dict]:
+        rows = self._read('SELECT url, member, "where", updated FROM pool_members')
+        return {r["url"]: {"member": bool(r["member"]), "where": json.loads(r["where"]), "updated": r["updated"]}
+                for r in rows}
 
 
 class UnusableStore:

@@ -4,6 +4,7 @@ path or the Redis URL), so a task reports and stops the same way wherever it run
 
 from __future__ import annotations
 
+import pathlib
 import threading
 import time
 from typing import Any
@@ -18,8 +19,13 @@ class JobCancelled(RuntimeError):
 
 
 def _open_store(spec: tuple):
+    """The store a tracker names, opened once per process; None for a SQLite file this machine does not have
+    (a Ray task on another node): such a task reports no progress and is stopped by ``ray.cancel`` instead
+    of finding no job and taking itself for cancelled."""
     with _stores_lock:
         if spec not in _stores:
+            if spec[0] == "sqlite" and not pathlib.Path(spec[1]).exists():
+                return None
             if spec[0] == "redis":
                 from pi0_reward_server.jobs.store_redis import RedisStore
 
@@ -44,6 +50,10 @@ class TaskTracker:
 
     def __setstate__(self, state: dict) -> None:
         self.__init__(_open_store(tuple(state["store"])) if state["store"] else None, state["job_id"], state["idx"])
+        # A store on this machine that does not know the job (another app's file at the same path) is no
+        # sign of cancellation either.
+        if self.store is not None and self.store.state(self.job_id) is None:
+            self.store = None
 
     def progress(self, units_done: int) -> None:
         if self.store is not None:
