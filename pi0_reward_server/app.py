@@ -118,7 +118,7 @@ def create_app(config: AppConfig | Mapping[str, Any] | None = None, *, pool: Cli
 
         with runners_lock:
             if not runners:
-                runner = ProcessRunner(settings.model_servers, pool_options, settings.libero_processes)
+                runner = ProcessRunner(lambda: pool.urls, pool_options, settings.libero_processes)
                 atexit.register(runner.close)  # workers also exit by themselves if this process dies
                 runners.append(runner)
             return runners[0]
