@@ -156,3 +156,69 @@ def test_an_openpi_style_server_added_by_hand_serves_score(start_server, openpi_
         "responses": [{"task": "cartpole_short", "seed": 3, "episodes": 2}]}).get_json()
     assert body["failures"] == 0 and body["scores"] == [1.0] and body["details"][0]["servers"] == [openpi.url]
     assert pool.status()["servers"][0]["server"] == "openpi-compatible"
+
+
+def test_a_removed_servers_gauges_are_dropped(start_server, pools):
+    from prometheus_client import REGISTRY
+
+    server = start_server(models=(affine(),))
+    pool = pools([server.url], wait=True)
+    pool.infer({"observation/state": np.ones(2)})
+    wait_for(lambda: REGISTRY.get_sample_value("reward_pool_server_up", {"server": server.url}) == 1.0,
+             what="the health thread to report the server up")
+    assert pool.remove_server(server.url)
+    assert REGISTRY.get_sample_value("reward_pool_server_up", {"server": server.url}) is None
+    assert REGISTRY.get_sample_value("reward_pool_server_in_flight", {"server": server.url}) is None
+
+
+def test_set_servers_adds_removes_and_updates_where_in_one_step(start_server, pools):
+    first = start_server(models=(affine(),))
+    second = start_server(models=(affine(),))
+    pool = pools([first.url], wait=True)
+    assert pool.set_servers([second.url, first.url], {first.url: {"node_ip": "10.0.0.1"}}) == ([second.url], [])
+    assert pool.urls == [first.url, second.url]
+    assert {s["url"]: s["where"] for s in pool.status()["servers"]}[first.url] == {"node_ip": "10.0.0.1"}
+    assert pool.set_servers([second.url]) == ([], [first.url])
+    assert pool.urls == [second.url]
+
+
+def test_a_server_removed_while_a_connection_to_it_opens_gets_no_request(start_server, pools):
+    """The connection that was opening when its server left is closed; the request goes to another server."""
+    import contextlib
+
+    from gpu_worker.client import ModelClient
+
+    leaving = start_server(models=(affine(),))
+    staying = start_server(models=(affine(),))
+    armed, opening, proceed = threading.Event(), threading.Event(), threading.Event()
+
+    def factory(url, **options):
+        if armed.is_set() and url == leaving.url:
+            opening.set()
+            assert proceed.wait(10)
+        return ModelClient(url, **options)
+
+    pool = pools([leaving.url, staying.url], wait=True, connections_per_server=1, client_factory=factory)
+    with contextlib.ExitStack() as held:
+        # Both opened-ahead connections borrowed: the next request must open a new one.
+        held.enter_context(pool.connection())
+        held.enter_context(pool.connection())
+        armed.set()
+        reply: dict = {}
+        thread = threading.Thread(target=lambda: reply.update(zip(("action", "url"), pool.infer(
+            {"observation/state": np.ones(2)}, prefer=leaving.url))))
+        thread.start()
+        assert opening.wait(10)
+        pool.remove_server(leaving.url)
+        proceed.set()
+        thread.join(20)
+    assert reply["url"] == staying.url
+
+
+def test_a_lazy_pool_comes_up_on_healthz_and_connects_on_first_use(start_server, pools):
+    server = start_server(models=(affine(),))
+    pool = pools([server.url], wait=True, lazy_connections=True)
+    [shown] = pool.status()["servers"]
+    assert shown["state"] == "up" and shown["idle_connections"] == 0
+    _, url = pool.infer({"observation/state": np.ones(2)})
+    assert url == server.url and pool.status()["servers"][0]["idle_connections"] == 1
