@@ -158,6 +158,91 @@ def test_an_openpi_style_server_added_by_hand_serves_score(start_server, openpi_
     assert pool.status()["servers"][0]["server"] == "openpi-compatible"
 
 
+def test_a_follower_round_cannot_undo_an_addition_made_while_it_ran(start_server, make_app):
+    """The follower reads the store, then changes the pool; an admin addition landing between the two must
+    not be undone by the stale read (it would be, for this process, until the next round)."""
+    first = start_server(models=(affine(),))
+    second = start_server(models=(affine(),))
+    app = make_app(model_servers=(first.url,), token=TOKEN, membership_interval_s=0.05)
+    store, pool = app.extensions["job_store"], app.extensions["client_pool"]
+    armed, read, written, applied = (threading.Event() for _ in range(4))
+    real_members, real_set_member, real_set_servers = store.members, store.set_member, pool.set_servers
+
+    def members():
+        found = real_members()
+        if armed.is_set() and threading.current_thread().name == "pool-membership" and not read.is_set():
+            read.set()
+            written.wait(2.0)  # an admin write that nothing holds back lands here, after the read
+        return found
+
+    def set_member(*args, **kwargs):
+        real_set_member(*args, **kwargs)
+        written.set()
+
+    def set_servers(*args, **kwargs):
+        changed = real_set_servers(*args, **kwargs)
+        if read.is_set() and threading.current_thread().name == "pool-membership":
+            app.extensions["stop_membership"].set()  # no later round to repair what this one did
+            applied.set()
+        return changed
+
+    store.members, store.set_member, pool.set_servers = members, set_member, set_servers
+    armed.set()
+    assert read.wait(10), "the follower did not run"
+    added = app.test_client().post("/admin/pool/servers", json={"url": second.url, "where": {}}, headers=AUTH)
+    assert added.status_code == 201
+    assert applied.wait(10), "the follower's round did not end"
+    assert pool.urls == [first.url, second.url]
+
+
+def test_a_removal_through_a_process_that_has_not_followed_the_addition_yet_is_recorded(start_server, make_app):
+    """Under gunicorn a DELETE may reach a worker that has not yet followed a POST made through another one:
+    the removal must still be recorded (from the store), not refused with a 404 that leaves the server in."""
+    first = start_server(models=(affine(),))
+    second = start_server(models=(affine(),))
+    one = make_app(model_servers=(first.url,), token=TOKEN, membership_interval_s=3600)
+    behind = make_app(model_servers=(first.url,), token=TOKEN, membership_interval_s=3600)
+    assert one.test_client().post("/admin/pool/servers", json={"url": second.url},
+                                  headers=AUTH).status_code == 201
+    assert second.url not in behind.extensions["client_pool"].urls  # it follows only every hour
+    removed = behind.test_client().delete("/admin/pool/servers", json={"url": second.url}, headers=AUTH)
+    assert removed.status_code == 200 and removed.get_json()["servers"] == [first.url]
+    assert one.extensions["job_store"].members()[second.url]["member"] is False
+    # Unknown to every process and to the store: still a 404.
+    assert behind.test_client().delete("/admin/pool/servers", json={"url": "ws://127.0.0.1:9"},
+                                       headers=AUTH).status_code == 404
+
+
+def test_the_app_registrar_takes_a_404_on_removal_as_done(start_server, serve_app):
+    from pi0_reward_server.scale.ray_servers import AppRegistrar
+
+    server = start_server(models=(affine(),))
+    app = serve_app(model_servers=(server.url,), token=TOKEN)
+    AppRegistrar(app.url, TOKEN, attempts=1).remove("ws://127.0.0.1:9")  # never registered: no error
+    with pytest.raises(RuntimeError, match="answered 401"):
+        AppRegistrar(app.url, "not-the-token", attempts=1).remove(server.url)
+
+
+def test_an_injected_pool_keeps_its_servers(start_server, pools):
+    """create_app(pool=...) starts from the pool's servers, not the configured list: only additions and
+    removals recorded in the store change it."""
+    from conftest import close_app
+
+    from pi0_reward_server.app import create_app
+
+    first = start_server(models=(affine(),))
+    second = start_server(models=(affine(),))
+    pool = pools([first.url, second.url], wait=True)
+    app = create_app({"model_servers": ("ws://127.0.0.1:9",), "log_level": "WARNING", "token": TOKEN}, pool=pool)
+    try:
+        assert pool.urls == [first.url, second.url]
+        assert app.test_client().delete("/admin/pool/servers", json={"url": first.url},
+                                         headers=AUTH).status_code == 200
+        assert pool.urls == [second.url]
+    finally:
+        close_app(app)
+
+
 def test_a_removed_servers_gauges_are_dropped(start_server, pools):
     from prometheus_client import REGISTRY
 

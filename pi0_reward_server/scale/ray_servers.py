@@ -158,7 +158,7 @@ class AppRegistrar:
         self.endpoint = app_url.rstrip("/") + "/admin/pool/servers"
         self.token, self.timeout_s, self.attempts = token, timeout_s, attempts
 
-    def _send(self, method: str, body: dict[str, Any]) -> dict[str, Any]:
+    def _send(self, method: str, body: dict[str, Any], *, missing_ok: bool = False) -> dict[str, Any]:
         request = urllib.request.Request(self.endpoint, data=json.dumps(body).encode(), method=method, headers={
             "Authorization": f"Bearer {self.token}", "Content-Type": "application/json"})
         for attempt in range(self.attempts):
@@ -166,6 +166,8 @@ class AppRegistrar:
                 with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
                     return json.loads(response.read())
             except urllib.error.HTTPError as exc:
+                if exc.code == 404 and missing_ok:
+                    return {"url": body["url"], "removed": False}
                 if exc.code < 500 or attempt == self.attempts - 1:  # refused: retrying will not help
                     raise RuntimeError(f"{method} {self.endpoint} answered {exc.code}: "
                                        f"{exc.read()[:300].decode(errors='replace')}") from None
@@ -179,7 +181,9 @@ class AppRegistrar:
         self._send("POST", {"url": url, "where": where})
 
     def remove(self, url: str) -> None:
-        self._send("DELETE", {"url": url})
+        """A 404 (no app process and no record knows it: removed already, by hand or an earlier try whose
+        answer was lost) is the outcome asked for, not an error."""
+        self._send("DELETE", {"url": url}, missing_ok=True)
 
 
 class ServerGroup:
