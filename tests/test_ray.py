@@ -56,18 +56,25 @@ def wait_for(predicate, timeout_s: float = 30.0, what: str = "condition") -> Non
         time.sleep(0.05)
 
 
-def ray_workers(title: str) -> list[int]:
-    """Pids of Ray worker processes whose title names ``title`` (Ray titles a busy worker ``ray::<function>``)."""
+def ray_workers(cluster, title: str) -> list[int]:
+    """Pids of this cluster's Ray worker processes whose title names ``title`` (Ray titles a busy worker
+    ``ray::<function>``): descendants of its nodes' raylets only, never another cluster's on the machine."""
+    import psutil
+
     pids = []
-    for entry in pathlib.Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
-        except OSError:
-            continue
-        if cmdline.startswith("ray::") and title in cmdline:
-            pids.append(int(entry.name))
+    for node in cluster.list_all_nodes():
+        for raylet in node.all_processes.get("raylet", []):
+            try:
+                children = psutil.Process(raylet.process.pid).children(recursive=True)
+            except psutil.NoSuchProcess:
+                continue
+            for child in children:
+                try:
+                    cmdline = child.cmdline()
+                except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                    continue
+                if cmdline and cmdline[0].startswith("ray::") and title in cmdline[0]:
+                    pids.append(child.pid)
     return pids
 
 
@@ -201,7 +208,7 @@ def test_a_ray_worker_killed_mid_task_still_gives_exactly_one_result(cluster, st
     def kill_one_running() -> None:
         deadline = time.monotonic() + 60
         while not killed and time.monotonic() < deadline:
-            running = ray_workers("run_remote")
+            running = ray_workers(cluster, "run_remote")
             if running:
                 os.kill(running[0], signal.SIGKILL)  # as the OOM killer would
                 killed.append(running[0])
@@ -226,10 +233,10 @@ def test_cancelling_a_job_stops_its_ray_tasks(cluster, start_server, make_app):
                                                                                         "cache": False}})
     assert created.status_code == 202
     job_id = created.get_json()["id"]
-    wait_for(lambda: ray_workers("run_remote"), what="the job's Ray tasks to start")
+    wait_for(lambda: ray_workers(cluster, "run_remote"), what="the job's Ray tasks to start")
     assert client.delete(f"/jobs/{job_id}").get_json()["state"] == "cancelled"
     wait_for(lambda: client.get(f"/jobs/{job_id}").get_json().get("result") is not None, 30, "the job to end")
-    wait_for(lambda: not ray_workers("run_remote"), 15, "the Ray tasks to stop")
+    wait_for(lambda: not ray_workers(cluster, "run_remote"), 15, "the Ray tasks to stop")
     result = client.get(f"/jobs/{job_id}").get_json()["result"]
     assert len(result["details"]) == len(many)
     assert all(d["error"] and "JobCancelled" in d["error"] for d in result["details"]), result["details"]
