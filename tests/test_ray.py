@@ -149,6 +149,69 @@ def test_a_server_actor_killed_mid_request_fails_over_and_leaves_the_pool(cluste
         free.stop(grace_s=2)
 
 
+def test_a_server_whose_process_died_is_deregistered_and_its_actor_killed(cluster, pools):
+    from pi0_reward_server.scale.ray_servers import PoolRegistrar, launch_servers
+
+    pool = pools([], allow_empty=True)
+    group = launch_servers(1, num_gpus=0, num_cpus=0.25, registrar=PoolRegistrar(pool), server_args=[
+        "--model", "affine=gpu_worker.models.testing:AffineModel", "--log-level", "WARNING"])
+    try:
+        [url] = group.urls
+        actor = group.actor(url)
+        os.kill(group.servers[0]["pid"], signal.SIGKILL)  # the server dies; its actor lives on
+        wait_for(lambda: not ray.get(actor.alive.remote()), what="the actor to see its server gone")
+        assert group.check() == [url] and pool.urls == []
+
+        def actor_dead() -> bool:
+            try:
+                ray.get(actor.alive.remote(), timeout=10)
+            except ray.exceptions.RayActorError:
+                return True
+            return False
+
+        wait_for(actor_dead, what="the actor to be killed (its reservation given back)")
+    finally:
+        group.stop(grace_s=2)
+
+
+def test_a_launch_whose_registration_fails_leaves_nothing_registered_or_running(cluster):
+    import psutil
+
+    from pi0_reward_server.scale.ray_servers import launch_servers
+
+    class FailsOnSecond:
+        def __init__(self) -> None:
+            self.added: list[dict] = []
+            self.removed: list[str] = []
+
+        def add(self, url, where):
+            if self.added:
+                raise RuntimeError("the app refused the second server")
+            self.added.append(where)
+
+        def remove(self, url):
+            self.removed.append(url)
+
+    registrar = FailsOnSecond()
+    with pytest.raises(RuntimeError, match="refused the second server"):
+        launch_servers(2, num_gpus=0, num_cpus=0.25, registrar=registrar, server_args=[
+            "--model", "affine=gpu_worker.models.testing:AffineModel", "--log-level", "WARNING"])
+    [first] = registrar.added
+    assert registrar.removed == [first["url"]]
+    try:  # its actor was killed, so its server process gets SIGTERM and ends
+        psutil.Process(first["pid"]).wait(30)
+    except psutil.NoSuchProcess:
+        pass
+
+
+def test_server_urls_put_ipv6_addresses_in_brackets():
+    from pi0_reward_server.client_pool import check_server_url
+    from pi0_reward_server.scale.ray_servers import _ws_url
+
+    assert _ws_url("10.0.0.2", 8000) == "ws://10.0.0.2:8000"
+    assert check_server_url(_ws_url("fd00::2", 8000)) == "ws://[fd00::2]:8000"
+
+
 def score(app, responses, **kwargs):
     body = app.test_client().post("/score", json={"responses": responses, "reward_function_kwargs": kwargs})
     assert body.status_code == 200, body.get_json()
