@@ -204,6 +204,42 @@ def test_a_launch_whose_registration_fails_leaves_nothing_registered_or_running(
         pass
 
 
+def test_a_long_job_on_ray_follows_membership_at_each_task(cluster, start_server):
+    """The URLs are read at each submission, not once per job: a server that joins mid-job gets the tasks
+    submitted after it joined."""
+    from pi0_reward_server.kinds.base import Limits
+    from pi0_reward_server.kinds.registry import parse_task
+    from pi0_reward_server.scale.ray_rollouts import RayRunner
+
+    before = start_server(models=(CARTPOLE,), log_level="WARNING")
+    after = start_server(models=(CARTPOLE,), log_level="WARNING")
+    reads: list[int] = []
+
+    def urls() -> list[str]:
+        reads.append(1)
+        return [before.url] if len(reads) == 1 else [after.url]
+
+    tasks = [parse_task(i, {"task": "cartpole_short", "seed": i, "episodes": 1}, {}, Limits()) for i in range(2)]
+    runner = RayRunner(urls=urls, pool_options={}, failure_score=-1.0, task_cpus=1)
+    results = runner.run(tasks, 2, time.monotonic() + 120, None, None)
+    assert [r.error for r in results] == [None, None], results
+    assert results[0].servers == [before.url] and results[1].servers == [after.url]
+
+
+def test_a_task_its_ray_worker_cannot_prepare_says_so(cluster):
+    """Not 'the Ray worker running it was lost': the worker lives; it could not set the task up."""
+    from pi0_reward_server.kinds.base import Limits
+    from pi0_reward_server.kinds.registry import parse_task
+    from pi0_reward_server.scale.ray_rollouts import RayRunner
+
+    task = parse_task(0, {"task": "cartpole_short", "seed": 0, "episodes": 1}, {}, Limits())
+    runner = RayRunner(urls=lambda: ["http://not-a-model-server:80"], pool_options={}, failure_score=-1.0)
+    [result] = runner.run([task], 1, time.monotonic() + 120, None, None)
+    assert result.score == -1.0 and "could not prepare the task" in result.error
+    assert "must look like ws://host:port" in result.error
+    assert "was lost" not in result.error
+
+
 def test_server_urls_put_ipv6_addresses_in_brackets():
     from pi0_reward_server.client_pool import check_server_url
     from pi0_reward_server.scale.ray_servers import _ws_url
