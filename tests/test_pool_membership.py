@@ -307,3 +307,21 @@ def test_a_lazy_pool_comes_up_on_healthz_and_connects_on_first_use(start_server,
     assert shown["state"] == "up" and shown["idle_connections"] == 0
     _, url = pool.infer({"observation/state": np.ones(2)})
     assert url == server.url and pool.status()["servers"][0]["idle_connections"] == 1
+
+
+def test_a_launcher_name_lets_a_new_launcher_remove_what_a_killed_one_left(start_server, serve_app):
+    """Membership never expires: a launcher killed by SIGKILL leaves its servers registered. One started
+    later under the same name deregisters them first, and nothing registered under another name."""
+    from pi0_reward_server.scale.ray_servers import AppRegistrar
+
+    configured = start_server(models=(affine(),))
+    app = serve_app(model_servers=(configured.url,), token=TOKEN)
+    killed = AppRegistrar(app.url, TOKEN, launcher="gpu-nodes")
+    killed.add("ws://127.0.0.1:9", {"source": "ray"})
+    AppRegistrar(app.url, TOKEN, launcher="cpu-nodes").add("ws://127.0.0.1:10", {"source": "ray"})
+    AppRegistrar(app.url, TOKEN).add("ws://127.0.0.1:11", {"source": "ray"})
+    pool = app.app.extensions["client_pool"]
+    assert pool.urls == [configured.url, "ws://127.0.0.1:9", "ws://127.0.0.1:10", "ws://127.0.0.1:11"]
+    assert AppRegistrar(app.url, TOKEN, launcher="gpu-nodes").remove_stale() == ["ws://127.0.0.1:9"]
+    assert pool.urls == [configured.url, "ws://127.0.0.1:10", "ws://127.0.0.1:11"]
+    assert AppRegistrar(app.url, TOKEN).remove_stale() == []  # no name: nothing is its own

@@ -379,6 +379,7 @@ def test_the_launcher_cli_registers_servers_and_deregisters_them_on_sigterm(clus
     (["servers", "--cpus-per-server", "-1"], "--cpus-per-server must be in (0, 1024]"),
     (["servers", "--app-url", "app:6006"], "must start with http:// or https://"),
     (["servers", "--app-url", "http://app:6006", "--token-env", "NO_SUCH_TOKEN_VAR"], "$NO_SUCH_TOKEN_VAR"),
+    (["servers", "--name", "gpu-nodes"], "--name registers with an app: give --app-url too"),
 ])
 def test_the_launcher_cli_names_bad_flags(argv, message, capsys):
     from pi0_reward_server.scale.__main__ import parse

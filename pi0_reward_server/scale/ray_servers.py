@@ -171,16 +171,22 @@ class AppRegistrar:
     """Servers join and leave a running reward app through ``POST|DELETE /admin/pool/servers`` (its token);
     the app records membership in its job store, so every app process (gunicorn worker) follows."""
 
-    def __init__(self, app_url: str, token: str, *, timeout_s: float = 10.0, attempts: int = 5) -> None:
+    def __init__(self, app_url: str, token: str, *, timeout_s: float = 10.0, attempts: int = 5,
+                 launcher: str | None = None) -> None:
+        """``launcher``: a name this launcher's servers are registered under (``where["launcher"]``), so a
+        later launcher of the same name can remove what a killed one left registered (:meth:`remove_stale`)."""
         if not app_url.startswith(("http://", "https://")):
             raise ValueError(f"app URL {app_url!r} must start with http:// or https://")
         if not token:
             raise ValueError("registering with an app needs its token (REWARD_SERVER_TOKEN)")
-        self.endpoint = app_url.rstrip("/") + "/admin/pool/servers"
-        self.token, self.timeout_s, self.attempts = token, timeout_s, attempts
+        self.app_url = app_url.rstrip("/")
+        self.endpoint = self.app_url + "/admin/pool/servers"
+        self.token, self.timeout_s, self.attempts, self.launcher = token, timeout_s, attempts, launcher
 
-    def _send(self, method: str, body: dict[str, Any], *, missing_ok: bool = False) -> dict[str, Any]:
-        request = urllib.request.Request(self.endpoint, data=json.dumps(body).encode(), method=method, headers={
+    def _send(self, method: str, body: dict[str, Any] | None, *, missing_ok: bool = False,
+              url: str | None = None) -> dict[str, Any]:
+        data = json.dumps(body).encode() if body is not None else None
+        request = urllib.request.Request(url or self.endpoint, data=data, method=method, headers={
             "Authorization": f"Bearer {self.token}", "Content-Type": "application/json"})
         for attempt in range(self.attempts):
             try:
@@ -188,7 +194,7 @@ class AppRegistrar:
                     return json.loads(response.read())
             except urllib.error.HTTPError as exc:
                 if exc.code == 404 and missing_ok:
-                    return {"url": body["url"], "removed": False}
+                    return {"url": (body or {}).get("url"), "removed": False}
                 if exc.code < 500 or attempt == self.attempts - 1:  # refused: retrying will not help
                     raise RuntimeError(f"{method} {self.endpoint} answered {exc.code}: "
                                        f"{exc.read()[:300].decode(errors='replace')}") from None
@@ -199,7 +205,21 @@ class AppRegistrar:
         raise AssertionError("unreachable")
 
     def add(self, url: str, where: dict[str, Any]) -> None:
+        if self.launcher is not None:
+            where = {**where, "launcher": self.launcher}
         self._send("POST", {"url": url, "where": where})
+
+    def remove_stale(self) -> list[str]:
+        """Deregister the servers the app holds under this launcher's name: those of an earlier launcher of
+        the same name that was killed before it could deregister them (membership never expires by itself).
+        Their URLs."""
+        if self.launcher is None:
+            return []
+        status = self._send("GET", None, url=self.app_url + "/pool_status")
+        stale = [s["url"] for s in status.get("servers", []) if (s.get("where") or {}).get("launcher") == self.launcher]
+        for url in stale:
+            self.remove(url)
+        return stale
 
     def remove(self, url: str) -> None:
         """A 404 (no app process and no record knows it: removed already, by hand or an earlier try whose
