@@ -94,6 +94,9 @@ def create_app(config: AppConfig | Mapping[str, Any] | None = None, *, pool: Cli
     )
     if settings.execution == "ray" and importlib.util.find_spec("ray") is None:
         raise ConfigError("execution = 'ray' needs the ray extra: pip install -e '.[ray]' (scripts/install_ray.sh)")
+    # What membership starts from: the configured servers, or those of a pool handed in (which may differ:
+    # only additions and removals recorded in the store change it).
+    base_urls = list(settings.model_servers) if pool is None else pool.urls
     if pool is None:
         pool = ClientPool(settings.model_servers, **pool_options).start(wait_s=settings.connect_timeout_s)
     for url in settings.model_servers:
@@ -118,7 +121,7 @@ def create_app(config: AppConfig | Mapping[str, Any] | None = None, *, pool: Cli
 
         with runners_lock:
             if not runners:
-                runner = ProcessRunner(settings.model_servers, pool_options, settings.libero_processes)
+                runner = ProcessRunner(lambda: pool.urls, pool_options, settings.libero_processes)
                 atexit.register(runner.close)  # workers also exit by themselves if this process dies
                 runners.append(runner)
             return runners[0]
@@ -483,16 +486,19 @@ def create_app(config: AppConfig | Mapping[str, Any] | None = None, *, pool: Cli
         return jsonify(model=name, checkpoint=checkpoint, consistent=ok, message=message, servers=outcomes,
                        versions=serving), (200 if ok else 502)
 
+    # Held across "read the store, change the pool" (the follower) and "write the store, change the pool"
+    # (the admin routes): otherwise a follower round that read the store just before an admin change
+    # would apply the old membership after it, undoing the change in this process.
+    membership_lock = threading.Lock()
+
     def apply_membership() -> None:
         """Bring this process's pool to the membership every app process shares through the store: the
         configured servers, plus those added, less those removed, by hand or by a launcher."""
-        members = store.members()
-        urls = [u for u in settings.model_servers if members.get(u, {}).get("member", True)]
-        urls += [u for u, m in members.items() if m["member"] and u not in urls]
-        added, removed = pool.set_servers(urls, {u: m["where"] for u, m in members.items() if m["member"]})
-        for url in urls:
-            if url in members and url not in added:
-                pool.add_server(url, members[url]["where"])  # where it runs may have been updated
+        with membership_lock:
+            members = store.members()
+            urls = [u for u in base_urls if members.get(u, {}).get("member", True)]
+            urls += [u for u, m in members.items() if m["member"] and u not in urls]
+            added, removed = pool.set_servers(urls, {u: m["where"] for u, m in members.items() if m["member"]})
         if added or removed:
             logger.info("pool membership: %d server(s); joined %s, left %s", len(urls), added, removed)
 
@@ -558,10 +564,12 @@ def create_app(config: AppConfig | Mapping[str, Any] | None = None, *, pool: Cli
         if where is None:  # a repeated registration without it keeps what was said before
             where = store.members().get(url, {}).get("where") or {}
         where = {**where, "source": where.get("source", "admin")}
-        store.set_member(url, True, where)
-        added = pool.add_server(url, where)
+        with membership_lock:
+            store.set_member(url, True, where)
+            added = pool.add_server(url, where)
+            servers = pool.urls
         logger.info("model server %s added to the pool by request (%s)", url, where)
-        return jsonify(url=url, added=added, servers=pool.urls), (201 if added else 200)
+        return jsonify(url=url, added=added, servers=servers), (201 if added else 200)
 
     @app.delete("/admin/pool/servers")
     def remove_pool_server():
@@ -574,12 +582,18 @@ def create_app(config: AppConfig | Mapping[str, Any] | None = None, *, pool: Cli
             url, _ = membership_body({"url"})
         except BadRequest as exc:
             return jsonify(error=str(exc), field=exc.field), 400
-        if url not in pool.urls:
-            return jsonify(error=f"model server {url!r} is not in the pool", field="url", servers=pool.urls), 404
-        store.set_member(url, False)
-        pool.remove_server(url)
+        with membership_lock:
+            # Known from the store as well as from this process's pool: under gunicorn this process may not
+            # have followed an addition made through another one yet, and the removal must still be recorded.
+            member = store.members().get(url, {}).get("member", url in base_urls)
+            if not member and url not in pool.urls:
+                return jsonify(error=f"model server {url!r} is not in the pool", field="url",
+                               servers=pool.urls), 404
+            store.set_member(url, False)
+            pool.remove_server(url)
+            servers = pool.urls
         logger.info("model server %s removed from the pool by request", url)
-        return jsonify(url=url, removed=True, servers=pool.urls)
+        return jsonify(url=url, removed=True, servers=servers)
 
     @app.get("/pool_status")
     def pool_status():

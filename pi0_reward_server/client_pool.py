@@ -169,6 +169,7 @@ class ClientPool:
         client_factory: Callable[..., ModelClient] = ModelClient,
         report_gauges: bool = True,
         allow_empty: bool = False,
+        lazy_connections: bool = False,
     ) -> None:
         for url in urls:
             check_server_url(url)
@@ -190,6 +191,9 @@ class ClientPool:
         self._api_key = api_key
         self._client_factory = client_factory
         self._report_gauges = report_gauges  # the per-server gauges: the app's own pool, not its helpers'
+        # A server in rotation on /healthz alone, connections opened on first use: for the many small pools
+        # of Ray workers, most of which never talk to most servers.
+        self.lazy_connections = lazy_connections
         self._cond = threading.Condition()
         self._fanout: concurrent.futures.ThreadPoolExecutor | None = None
         self._probe: tuple[dict[str, Any], str | None] | None = None  # (observation, model) some server answered
@@ -257,47 +261,72 @@ class ClientPool:
         through the health thread's probe and connect, like a server coming back; no restart needed."""
         check_server_url(url)
         with self._cond:
-            if self._closed:
-                raise PoolError("the client pool is closed")
-            for server in self._servers:
-                if server.url == url:
-                    server.where = dict(where or server.where)
-                    return False
-            self._servers.append(_Server(url, where=dict(where or {})))
-            self._cond.notify_all()
-        self._wake.set()
-        logger.info("model server %s joined the pool%s", url, f" ({where})" if where else "")
-        return True
+            added = self._add_locked(url, where)
+        self._after_change([url] if added else [], [])
+        return added
 
     def remove_server(self, url: str) -> bool:
         """Take a model server out of the pool (True; False when it was not in it). Requests in flight
         there finish or fail over as usual; their connections are closed when given back."""
         with self._cond:
-            server = next((s for s in self._servers if s.url == url), None)
-            if server is None:
-                return False
-            self._servers.remove(server)
-            server.removed = True
-            server.state = DOWN
-            to_close = list(server.idle)
-            server.idle.clear()
-            self._cond.notify_all()
-        for conn in to_close:
-            _quiet_close(conn)
-        if self._report_gauges:
-            metrics.pool_up.labels(url).set(0)
-            metrics.pool_in_flight.labels(url).set(0)
-        logger.info("model server %s left the pool", url)
+            to_close = self._remove_locked(url)
+        if to_close is None:
+            return False
+        self._after_change([], [url], to_close)
         return True
 
     def set_servers(self, urls: list[str], where: dict[str, dict] | None = None) -> tuple[list[str], list[str]]:
-        """Make the pool hold exactly ``urls``: (added, removed). A worker process follows its app's
-        membership this way."""
+        """Make the pool hold exactly ``urls``: (added, removed). The diff is taken and applied under one
+        lock, so an add or remove by another thread lands wholly before or after it, never in between."""
         where = where or {}
-        current = set(self.urls)
-        added = [u for u in urls if u not in current and self.add_server(u, where.get(u))]
-        removed = [u for u in current if u not in set(urls) and self.remove_server(u)]
+        for url in urls:
+            check_server_url(url)
+        wanted = set(urls)
+        to_close: list[ModelClient] = []
+        with self._cond:
+            removed = [s.url for s in self._servers if s.url not in wanted]
+            for url in removed:
+                to_close += self._remove_locked(url) or []
+            added = [u for u in urls if self._add_locked(u, where.get(u))]
+        self._after_change(added, removed, to_close)
         return added, removed
+
+    def _add_locked(self, url: str, where: dict[str, Any] | None) -> bool:
+        if self._closed:
+            raise PoolError("the client pool is closed")
+        for server in self._servers:
+            if server.url == url:
+                server.where = dict(where or server.where)
+                return False
+        self._servers.append(_Server(url, where=dict(where or {})))
+        self._cond.notify_all()
+        return True
+
+    def _remove_locked(self, url: str) -> list[ModelClient] | None:
+        """Take ``url`` out (its idle connections, to close outside the lock), or None if it was not in.
+        Its gauge series go here, under the lock, so the health thread cannot write them back."""
+        server = next((s for s in self._servers if s.url == url), None)
+        if server is None:
+            return None
+        self._servers.remove(server)
+        server.removed = True
+        server.state = DOWN
+        to_close = list(server.idle)
+        server.idle.clear()
+        self._cond.notify_all()
+        if self._report_gauges:
+            metrics.forget_server(url)
+        return to_close
+
+    def _after_change(self, added: list[str], removed: list[str], to_close: list[ModelClient] = ()) -> None:
+        for conn in to_close:
+            _quiet_close(conn)
+        if added:
+            self._wake.set()
+        for url in added:
+            logger.info("model server %s joined the pool", url)
+        for url in removed:
+            logger.info("model server %s left the pool", url)
 
     # -- borrowing --------------------------------------------------------
     def _open(self, server: _Server) -> ModelClient:
@@ -406,8 +435,12 @@ class ClientPool:
                 raise
             with self._cond:
                 server.opening -= 1
-                server.busy += 1
-            return server, conn
+                if server.removed:  # taken out while this connection opened: no new request goes there
+                    self._cond.notify_all()
+                else:
+                    server.busy += 1
+                    return server, conn
+            _quiet_close(conn)
 
     def _release(self, server: _Server, conn: ModelClient, *, keep: bool) -> None:
         with self._cond:
@@ -657,7 +690,8 @@ class ClientPool:
             return
         error = None
         opened: list[ModelClient] = []
-        for _ in range(max(1, self.connections_per_server)):
+        ahead = 0 if self.lazy_connections and not server.needs_inference else max(1, self.connections_per_server)
+        for _ in range(ahead):
             try:
                 opened.append(self._open(server))
             except Exception as exc:  # noqa: BLE001
@@ -670,7 +704,7 @@ class ClientPool:
         with self._cond:
             if server.removed:
                 pass  # taken out while it was being checked: its fresh connections are closed below
-            elif usable and error is None and not self._closed:
+            elif (usable or not ahead) and error is None and not self._closed:
                 was = server.state
                 server.state = UP
                 server.reconnect_at = 0.0
@@ -717,11 +751,10 @@ class ClientPool:
             now = time.monotonic()
             if self._report_gauges and now - observed >= 1.0:  # the metrics' view of each server, once a second
                 observed = now
-                with self._cond:
-                    view = [(s.url, s.state == UP, s.busy) for s in self._servers]
-                for url, up, busy in view:
-                    metrics.pool_up.labels(url).set(1 if up else 0)
-                    metrics.pool_in_flight.labels(url).set(busy)
+                with self._cond:  # under the lock: a server removed meanwhile must not get its series back
+                    for s in self._servers:
+                        metrics.pool_up.labels(s.url).set(1 if s.state == UP else 0)
+                        metrics.pool_in_flight.labels(s.url).set(s.busy)
             with self._cond:
                 due = [s for s in self._servers if not s.checking and (
                     (s.state != UP and now >= s.next_check)

@@ -73,6 +73,17 @@ def render() -> bytes:
     return generate_latest(registry())
 
 
+def forget_server(url: str) -> None:
+    """A model server left the pool: its per-server gauges go (in multiprocess mode, where series cannot be
+    removed, they read 0)."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR") or os.environ.get("prometheus_multiproc_dir"):
+        pool_up.labels(url).set(0)
+        pool_in_flight.labels(url).set(0)
+    else:
+        pool_up.remove(url)
+        pool_in_flight.remove(url)
+
+
 def observe_pool(status: dict[str, Any]) -> None:
     """The pool's view, from its health thread: each server's state and load."""
     for server in status["servers"]:

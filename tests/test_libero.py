@@ -217,3 +217,27 @@ def test_render_check_and_environments_work_with_cuda_visible_devices_empty():
                               cwd=ROOT, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr[-3000:]
         assert done.stdout.split("rendered with")[-1].strip() == backend  # the same backend: EGL did not fail
+
+
+def test_libero_worker_processes_follow_the_pool_membership(start_server, make_app):
+    """A server added through the admin route gets LIBERO traffic from the worker processes, and one removed
+    gets none: the workers take the app's current membership with each task, not the configured list."""
+    configured = start_server(models=(LIBERO_TINY,), log_level="WARNING")
+    joined = start_server(models=(LIBERO_TINY,), log_level="WARNING")
+    auth = {"Authorization": "Bearer libero-membership"}
+    app = make_app(model_servers=(configured.url,), token="libero-membership", libero_processes=1)
+    client = app.test_client()
+    spec = {"kind": "libero", "suite": "libero_spatial", "task_id": 0, "episodes": 1, "max_steps": 2,
+            "model": "libero_tiny", "seed": 7}
+
+    def servers_used() -> list[str]:
+        body = client.post("/score", headers=auth, json={"responses": [spec],
+                                                         "reward_function_kwargs": {"cache": False}}).get_json()
+        assert body.get("failures") == 0, body
+        return body["details"][0]["servers"]
+
+    assert servers_used() == [configured.url]  # the worker process starts (and holds its pool) now
+    assert client.post("/admin/pool/servers", json={"url": joined.url}, headers=auth).status_code == 201
+    assert client.delete("/admin/pool/servers", json={"url": configured.url}, headers=auth).status_code == 200
+    assert app.extensions["client_pool"].wait_for_servers(1, 30)  # the app admits work once one is up
+    assert servers_used() == [joined.url]

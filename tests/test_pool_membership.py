@@ -156,3 +156,172 @@ def test_an_openpi_style_server_added_by_hand_serves_score(start_server, openpi_
         "responses": [{"task": "cartpole_short", "seed": 3, "episodes": 2}]}).get_json()
     assert body["failures"] == 0 and body["scores"] == [1.0] and body["details"][0]["servers"] == [openpi.url]
     assert pool.status()["servers"][0]["server"] == "openpi-compatible"
+
+
+def test_a_follower_round_cannot_undo_an_addition_made_while_it_ran(start_server, make_app):
+    """The follower reads the store, then changes the pool; an admin addition landing between the two must
+    not be undone by the stale read (it would be, for this process, until the next round)."""
+    first = start_server(models=(affine(),))
+    second = start_server(models=(affine(),))
+    app = make_app(model_servers=(first.url,), token=TOKEN, membership_interval_s=0.05)
+    store, pool = app.extensions["job_store"], app.extensions["client_pool"]
+    armed, read, written, applied = (threading.Event() for _ in range(4))
+    real_members, real_set_member, real_set_servers = store.members, store.set_member, pool.set_servers
+
+    def members():
+        found = real_members()
+        if armed.is_set() and threading.current_thread().name == "pool-membership" and not read.is_set():
+            read.set()
+            written.wait(2.0)  # an admin write that nothing holds back lands here, after the read
+        return found
+
+    def set_member(*args, **kwargs):
+        real_set_member(*args, **kwargs)
+        written.set()
+
+    def set_servers(*args, **kwargs):
+        changed = real_set_servers(*args, **kwargs)
+        if read.is_set() and threading.current_thread().name == "pool-membership":
+            app.extensions["stop_membership"].set()  # no later round to repair what this one did
+            applied.set()
+        return changed
+
+    store.members, store.set_member, pool.set_servers = members, set_member, set_servers
+    armed.set()
+    assert read.wait(10), "the follower did not run"
+    added = app.test_client().post("/admin/pool/servers", json={"url": second.url, "where": {}}, headers=AUTH)
+    assert added.status_code == 201
+    assert applied.wait(10), "the follower's round did not end"
+    assert pool.urls == [first.url, second.url]
+
+
+def test_a_removal_through_a_process_that_has_not_followed_the_addition_yet_is_recorded(start_server, make_app):
+    """Under gunicorn a DELETE may reach a worker that has not yet followed a POST made through another one:
+    the removal must still be recorded (from the store), not refused with a 404 that leaves the server in."""
+    first = start_server(models=(affine(),))
+    second = start_server(models=(affine(),))
+    one = make_app(model_servers=(first.url,), token=TOKEN, membership_interval_s=3600)
+    behind = make_app(model_servers=(first.url,), token=TOKEN, membership_interval_s=3600)
+    assert one.test_client().post("/admin/pool/servers", json={"url": second.url},
+                                  headers=AUTH).status_code == 201
+    assert second.url not in behind.extensions["client_pool"].urls  # it follows only every hour
+    removed = behind.test_client().delete("/admin/pool/servers", json={"url": second.url}, headers=AUTH)
+    assert removed.status_code == 200 and removed.get_json()["servers"] == [first.url]
+    assert one.extensions["job_store"].members()[second.url]["member"] is False
+    # Unknown to every process and to the store: still a 404.
+    assert behind.test_client().delete("/admin/pool/servers", json={"url": "ws://127.0.0.1:9"},
+                                       headers=AUTH).status_code == 404
+
+
+def test_the_app_registrar_takes_a_404_on_removal_as_done(start_server, serve_app):
+    from pi0_reward_server.scale.ray_servers import AppRegistrar
+
+    server = start_server(models=(affine(),))
+    app = serve_app(model_servers=(server.url,), token=TOKEN)
+    AppRegistrar(app.url, TOKEN, attempts=1).remove("ws://127.0.0.1:9")  # never registered: no error
+    with pytest.raises(RuntimeError, match="answered 401"):
+        AppRegistrar(app.url, "not-the-token", attempts=1).remove(server.url)
+
+
+def test_an_injected_pool_keeps_its_servers(start_server, pools):
+    """create_app(pool=...) starts from the pool's servers, not the configured list: only additions and
+    removals recorded in the store change it."""
+    from conftest import close_app
+
+    from pi0_reward_server.app import create_app
+
+    first = start_server(models=(affine(),))
+    second = start_server(models=(affine(),))
+    pool = pools([first.url, second.url], wait=True)
+    app = create_app({"model_servers": ("ws://127.0.0.1:9",), "log_level": "WARNING", "token": TOKEN}, pool=pool)
+    try:
+        assert pool.urls == [first.url, second.url]
+        assert app.test_client().delete("/admin/pool/servers", json={"url": first.url},
+                                         headers=AUTH).status_code == 200
+        assert pool.urls == [second.url]
+    finally:
+        close_app(app)
+
+
+def test_a_removed_servers_gauges_are_dropped(start_server, pools):
+    from prometheus_client import REGISTRY
+
+    server = start_server(models=(affine(),))
+    pool = pools([server.url], wait=True)
+    pool.infer({"observation/state": np.ones(2)})
+    wait_for(lambda: REGISTRY.get_sample_value("reward_pool_server_up", {"server": server.url}) == 1.0,
+             what="the health thread to report the server up")
+    assert pool.remove_server(server.url)
+    assert REGISTRY.get_sample_value("reward_pool_server_up", {"server": server.url}) is None
+    assert REGISTRY.get_sample_value("reward_pool_server_in_flight", {"server": server.url}) is None
+
+
+def test_set_servers_adds_removes_and_updates_where_in_one_step(start_server, pools):
+    first = start_server(models=(affine(),))
+    second = start_server(models=(affine(),))
+    pool = pools([first.url], wait=True)
+    assert pool.set_servers([second.url, first.url], {first.url: {"node_ip": "10.0.0.1"}}) == ([second.url], [])
+    assert pool.urls == [first.url, second.url]
+    assert {s["url"]: s["where"] for s in pool.status()["servers"]}[first.url] == {"node_ip": "10.0.0.1"}
+    assert pool.set_servers([second.url]) == ([], [first.url])
+    assert pool.urls == [second.url]
+
+
+def test_a_server_removed_while_a_connection_to_it_opens_gets_no_request(start_server, pools):
+    """The connection that was opening when its server left is closed; the request goes to another server."""
+    import contextlib
+
+    from gpu_worker.client import ModelClient
+
+    leaving = start_server(models=(affine(),))
+    staying = start_server(models=(affine(),))
+    armed, opening, proceed = threading.Event(), threading.Event(), threading.Event()
+
+    def factory(url, **options):
+        if armed.is_set() and url == leaving.url:
+            opening.set()
+            assert proceed.wait(10)
+        return ModelClient(url, **options)
+
+    pool = pools([leaving.url, staying.url], wait=True, connections_per_server=1, client_factory=factory)
+    with contextlib.ExitStack() as held:
+        # Both opened-ahead connections borrowed: the next request must open a new one.
+        held.enter_context(pool.connection())
+        held.enter_context(pool.connection())
+        armed.set()
+        reply: dict = {}
+        thread = threading.Thread(target=lambda: reply.update(zip(("action", "url"), pool.infer(
+            {"observation/state": np.ones(2)}, prefer=leaving.url))))
+        thread.start()
+        assert opening.wait(10)
+        pool.remove_server(leaving.url)
+        proceed.set()
+        thread.join(20)
+    assert reply["url"] == staying.url
+
+
+def test_a_lazy_pool_comes_up_on_healthz_and_connects_on_first_use(start_server, pools):
+    server = start_server(models=(affine(),))
+    pool = pools([server.url], wait=True, lazy_connections=True)
+    [shown] = pool.status()["servers"]
+    assert shown["state"] == "up" and shown["idle_connections"] == 0
+    _, url = pool.infer({"observation/state": np.ones(2)})
+    assert url == server.url and pool.status()["servers"][0]["idle_connections"] == 1
+
+
+def test_a_launcher_name_lets_a_new_launcher_remove_what_a_killed_one_left(start_server, serve_app):
+    """Membership never expires: a launcher killed by SIGKILL leaves its servers registered. One started
+    later under the same name deregisters them first, and nothing registered under another name."""
+    from pi0_reward_server.scale.ray_servers import AppRegistrar
+
+    configured = start_server(models=(affine(),))
+    app = serve_app(model_servers=(configured.url,), token=TOKEN)
+    killed = AppRegistrar(app.url, TOKEN, launcher="gpu-nodes")
+    killed.add("ws://127.0.0.1:9", {"source": "ray"})
+    AppRegistrar(app.url, TOKEN, launcher="cpu-nodes").add("ws://127.0.0.1:10", {"source": "ray"})
+    AppRegistrar(app.url, TOKEN).add("ws://127.0.0.1:11", {"source": "ray"})
+    pool = app.app.extensions["client_pool"]
+    assert pool.urls == [configured.url, "ws://127.0.0.1:9", "ws://127.0.0.1:10", "ws://127.0.0.1:11"]
+    assert AppRegistrar(app.url, TOKEN, launcher="gpu-nodes").remove_stale() == ["ws://127.0.0.1:9"]
+    assert pool.urls == [configured.url, "ws://127.0.0.1:10", "ws://127.0.0.1:11"]
+    assert AppRegistrar(app.url, TOKEN).remove_stale() == []  # no name: nothing is its own

@@ -56,18 +56,25 @@ def wait_for(predicate, timeout_s: float = 30.0, what: str = "condition") -> Non
         time.sleep(0.05)
 
 
-def ray_workers(title: str) -> list[int]:
-    """Pids of Ray worker processes whose title names ``title`` (Ray titles a busy worker ``ray::<function>``)."""
+def ray_workers(cluster, title: str) -> list[int]:
+    """Pids of this cluster's Ray worker processes whose title names ``title`` (Ray titles a busy worker
+    ``ray::<function>``): descendants of its nodes' raylets only, never another cluster's on the machine."""
+    import psutil
+
     pids = []
-    for entry in pathlib.Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
-        except OSError:
-            continue
-        if cmdline.startswith("ray::") and title in cmdline:
-            pids.append(int(entry.name))
+    for node in cluster.list_all_nodes():
+        for raylet in node.all_processes.get("raylet", []):
+            try:
+                children = psutil.Process(raylet.process.pid).children(recursive=True)
+            except psutil.NoSuchProcess:
+                continue
+            for child in children:
+                try:
+                    cmdline = child.cmdline()
+                except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                    continue
+                if cmdline and cmdline[0].startswith("ray::") and title in cmdline[0]:
+                    pids.append(child.pid)
     return pids
 
 
@@ -142,6 +149,105 @@ def test_a_server_actor_killed_mid_request_fails_over_and_leaves_the_pool(cluste
         free.stop(grace_s=2)
 
 
+def test_a_server_whose_process_died_is_deregistered_and_its_actor_killed(cluster, pools):
+    from pi0_reward_server.scale.ray_servers import PoolRegistrar, launch_servers
+
+    pool = pools([], allow_empty=True)
+    group = launch_servers(1, num_gpus=0, num_cpus=0.25, registrar=PoolRegistrar(pool), server_args=[
+        "--model", "affine=gpu_worker.models.testing:AffineModel", "--log-level", "WARNING"])
+    try:
+        [url] = group.urls
+        actor = group.actor(url)
+        os.kill(group.servers[0]["pid"], signal.SIGKILL)  # the server dies; its actor lives on
+        wait_for(lambda: not ray.get(actor.alive.remote()), what="the actor to see its server gone")
+        assert group.check() == [url] and pool.urls == []
+
+        def actor_dead() -> bool:
+            try:
+                ray.get(actor.alive.remote(), timeout=10)
+            except ray.exceptions.RayActorError:
+                return True
+            return False
+
+        wait_for(actor_dead, what="the actor to be killed (its reservation given back)")
+    finally:
+        group.stop(grace_s=2)
+
+
+def test_a_launch_whose_registration_fails_leaves_nothing_registered_or_running(cluster):
+    import psutil
+
+    from pi0_reward_server.scale.ray_servers import launch_servers
+
+    class FailsOnSecond:
+        def __init__(self) -> None:
+            self.added: list[dict] = []
+            self.removed: list[str] = []
+
+        def add(self, url, where):
+            if self.added:
+                raise RuntimeError("the app refused the second server")
+            self.added.append(where)
+
+        def remove(self, url):
+            self.removed.append(url)
+
+    registrar = FailsOnSecond()
+    with pytest.raises(RuntimeError, match="refused the second server"):
+        launch_servers(2, num_gpus=0, num_cpus=0.25, registrar=registrar, server_args=[
+            "--model", "affine=gpu_worker.models.testing:AffineModel", "--log-level", "WARNING"])
+    [first] = registrar.added
+    assert registrar.removed == [first["url"]]
+    try:  # its actor was killed, so its server process gets SIGTERM and ends
+        psutil.Process(first["pid"]).wait(30)
+    except psutil.NoSuchProcess:
+        pass
+
+
+def test_a_long_job_on_ray_follows_membership_at_each_task(cluster, start_server):
+    """The URLs are read at each submission, not once per job: a server that joins mid-job gets the tasks
+    submitted after it joined."""
+    from pi0_reward_server.kinds.base import Limits
+    from pi0_reward_server.kinds.registry import parse_task
+    from pi0_reward_server.scale.ray_rollouts import RayRunner
+
+    before = start_server(models=(CARTPOLE,), log_level="WARNING")
+    after = start_server(models=(CARTPOLE,), log_level="WARNING")
+    reads: list[int] = []
+
+    def urls() -> list[str]:
+        reads.append(1)
+        return [before.url] if len(reads) == 1 else [after.url]
+
+    tasks = [parse_task(i, {"task": "cartpole_short", "seed": i, "episodes": 1}, {}, Limits()) for i in range(2)]
+    runner = RayRunner(urls=urls, pool_options={}, failure_score=-1.0, task_cpus=1)
+    results = runner.run(tasks, 2, time.monotonic() + 120, None, None)
+    assert [r.error for r in results] == [None, None], results
+    assert results[0].servers == [before.url] and results[1].servers == [after.url]
+
+
+def test_a_task_its_ray_worker_cannot_prepare_says_so(cluster):
+    """Not 'the Ray worker running it was lost': the worker lives; it could not set the task up."""
+    from pi0_reward_server.kinds.base import Limits
+    from pi0_reward_server.kinds.registry import parse_task
+    from pi0_reward_server.scale.ray_rollouts import RayRunner
+
+    task = parse_task(0, {"task": "cartpole_short", "seed": 0, "episodes": 1}, {}, Limits())
+    runner = RayRunner(urls=lambda: ["http://not-a-model-server:80"], pool_options={}, failure_score=-1.0)
+    [result] = runner.run([task], 1, time.monotonic() + 120, None, None)
+    assert result.score == -1.0 and "could not prepare the task" in result.error
+    assert "must look like ws://host:port" in result.error
+    assert "was lost" not in result.error
+
+
+def test_server_urls_put_ipv6_addresses_in_brackets():
+    from pi0_reward_server.client_pool import check_server_url
+    from pi0_reward_server.scale.ray_servers import _ws_url
+
+    assert _ws_url("10.0.0.2", 8000) == "ws://10.0.0.2:8000"
+    assert check_server_url(_ws_url("fd00::2", 8000)) == "ws://[fd00::2]:8000"
+
+
 def score(app, responses, **kwargs):
     body = app.test_client().post("/score", json={"responses": responses, "reward_function_kwargs": kwargs})
     assert body.status_code == 200, body.get_json()
@@ -201,7 +307,7 @@ def test_a_ray_worker_killed_mid_task_still_gives_exactly_one_result(cluster, st
     def kill_one_running() -> None:
         deadline = time.monotonic() + 60
         while not killed and time.monotonic() < deadline:
-            running = ray_workers("run_remote")
+            running = ray_workers(cluster, "run_remote")
             if running:
                 os.kill(running[0], signal.SIGKILL)  # as the OOM killer would
                 killed.append(running[0])
@@ -226,10 +332,10 @@ def test_cancelling_a_job_stops_its_ray_tasks(cluster, start_server, make_app):
                                                                                         "cache": False}})
     assert created.status_code == 202
     job_id = created.get_json()["id"]
-    wait_for(lambda: ray_workers("run_remote"), what="the job's Ray tasks to start")
+    wait_for(lambda: ray_workers(cluster, "run_remote"), what="the job's Ray tasks to start")
     assert client.delete(f"/jobs/{job_id}").get_json()["state"] == "cancelled"
     wait_for(lambda: client.get(f"/jobs/{job_id}").get_json().get("result") is not None, 30, "the job to end")
-    wait_for(lambda: not ray_workers("run_remote"), 15, "the Ray tasks to stop")
+    wait_for(lambda: not ray_workers(cluster, "run_remote"), 15, "the Ray tasks to stop")
     result = client.get(f"/jobs/{job_id}").get_json()["result"]
     assert len(result["details"]) == len(many)
     assert all(d["error"] and "JobCancelled" in d["error"] for d in result["details"]), result["details"]
@@ -273,6 +379,7 @@ def test_the_launcher_cli_registers_servers_and_deregisters_them_on_sigterm(clus
     (["servers", "--cpus-per-server", "-1"], "--cpus-per-server must be in (0, 1024]"),
     (["servers", "--app-url", "app:6006"], "must start with http:// or https://"),
     (["servers", "--app-url", "http://app:6006", "--token-env", "NO_SUCH_TOKEN_VAR"], "$NO_SUCH_TOKEN_VAR"),
+    (["servers", "--name", "gpu-nodes"], "--name registers with an app: give --app-url too"),
 ])
 def test_the_launcher_cli_names_bad_flags(argv, message, capsys):
     from pi0_reward_server.scale.__main__ import parse

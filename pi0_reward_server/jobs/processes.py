@@ -2,7 +2,7 @@
 
 Rendering and physics hold the GIL for much of a step, so LIBERO tasks run in spawned worker processes
 (measured in bench/bench_libero.py: 1.39x threads); each worker reaches the policy through its own client
-pool over the same model servers, and keeps its last environment for the next task of the same scene.
+pool over the app's model servers (brought up to its current membership on each task), and keeps its last environment for the next task of the same scene.
 Progress and cancellation reach a worker through the job store (see :mod:`.tracking`).
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any
+from typing import Any, Callable
 
 from pi0_reward_server.kinds.libero import LiberoTask, make_env, render_check
 
@@ -36,8 +36,8 @@ def _init_worker(urls: list[str], pool_options: dict[str, Any], parent: int) -> 
 
     _exit_with_parent(parent)
     render_check()
-    _worker_pool = ClientPool(urls, report_gauges=False, **pool_options).start(
-        wait_s=pool_options.get("connect_timeout_s", 5))
+    _worker_pool = ClientPool(urls, report_gauges=False, allow_empty=True, **pool_options).start(
+        wait_s=pool_options.get("connect_timeout_s", 5) if urls else None)
 
 
 def _cached_make_env(bddl: str, seed: int, horizon: int):
@@ -56,12 +56,17 @@ def _cached_make_env(bddl: str, seed: int, horizon: int):
     return env
 
 
-def _run_in_worker(task: LiberoTask, deadline: float, budget_s: float, failure_score: float, tracker=None):
-    """``deadline`` is on time.monotonic(), which Linux keeps system-wide, so it means the same here.
+def _run_in_worker(task: LiberoTask, urls: list[str], deadline: float, budget_s: float, failure_score: float,
+                   tracker=None):
+    """``urls``: the app's model servers as they stand now (servers join and leave while workers live).
+    ``deadline`` is on time.monotonic(), which Linux keeps system-wide, so it means the same here.
     ``tracker`` arrives pickled as the job store's path: progress and cancellation go through the store."""
     from pi0_reward_server.kinds.registry import run_task
     from pi0_reward_server.policies import DeadlinePolicy, PoolPolicy
 
+    added, _ = _worker_pool.set_servers(urls)
+    if added and _worker_pool.healthy_servers == 0:
+        _worker_pool.wait_for_servers(1, _worker_pool.connect_timeout_s)
     return run_task(task, lambda model: DeadlinePolicy(PoolPolicy(_worker_pool, model), deadline, budget_s),
                     failure_score, tracker=tracker, env_factory=_cached_make_env)
 
@@ -75,10 +80,14 @@ class ProcessRunner:
 
     GRACE_S = 30.0  # beyond the deadline, for a worker to notice it and answer
 
-    def __init__(self, urls: list[str], pool_options: dict[str, Any], processes: int) -> None:
+    def __init__(self, urls: Callable[[], list[str]] | list[str], pool_options: dict[str, Any], processes: int) -> None:
+        """``urls``: a callable giving the model servers as they stand now (the app passes its pool's, which
+        follows membership), read at each task; or a fixed list."""
         import threading
 
-        self._args = (list(urls), dict(pool_options), os.getpid())
+        fixed = list(urls) if not callable(urls) else None
+        self._urls: Callable[[], list[str]] = urls if fixed is None else (lambda: fixed)
+        self._pool_options = dict(pool_options)
         self._processes = processes
         self._lock = threading.Lock()
         self._executor = self._new_executor()
@@ -89,7 +98,7 @@ class ProcessRunner:
 
         return concurrent.futures.ProcessPoolExecutor(
             max_workers=self._processes, mp_context=multiprocessing.get_context("spawn"),
-            initializer=_init_worker, initargs=self._args,
+            initializer=_init_worker, initargs=(list(self._urls()), self._pool_options, os.getpid()),
         )
 
     def _replace(self, broken) -> None:
@@ -107,7 +116,8 @@ class ProcessRunner:
         for attempt in range(2):
             executor = self._executor
             try:
-                future = executor.submit(_run_in_worker, task, deadline, budget_s, failure_score, tracker)
+                future = executor.submit(_run_in_worker, task, list(self._urls()), deadline, budget_s, failure_score,
+                                         tracker)
                 return future.result(timeout=max(0.0, deadline - time.monotonic()) + self.GRACE_S)
             except BrokenProcessPool:
                 self._replace(executor)

@@ -3,7 +3,8 @@
     python -m pi0_reward_server.scale servers --address auto --app-url http://app:8080 -- --model ...
 
 starts one gpu_worker per GPU in the cluster (``--cpu-servers N`` for CPU ones), registers each with the
-app (``POST /admin/pool/servers``, the token from ``$REWARD_SERVER_TOKEN``), prints one JSON line per
+app (``POST /admin/pool/servers``, the token from ``$REWARD_SERVER_TOKEN``; with ``--name``, first
+deregistering what an earlier, killed launcher of that name left behind), prints one JSON line per
 server, deregisters any whose actor dies, and on SIGINT/SIGTERM deregisters them all, lets each drain and
 stops it. Arguments after ``--`` go to ``python -m gpu_worker`` as they are.
 """
@@ -34,6 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
     servers.add_argument("--bind-host", default=None,
                          help="address the servers bind (default: each node's own address; 0.0.0.0 for all)")
     servers.add_argument("--app-url", default=None, help="the reward app to register with (http://host:port)")
+    servers.add_argument("--name", default=None,
+                         help="register the servers under this launcher name, and first deregister any the app still "
+                              "holds under it (left by an earlier launcher that was killed); one name per launcher")
     servers.add_argument("--token-env", default="REWARD_SERVER_TOKEN", metavar="VAR",
                          help="environment variable holding the app's token (default REWARD_SERVER_TOKEN)")
     servers.add_argument("--watch-interval-s", type=float, default=2.0,
@@ -64,6 +68,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"--app-url {args.app_url!r} must start with http:// or https://")
         if not os.environ.get(args.token_env):
             parser.error(f"--app-url needs the app's token in ${args.token_env}")
+    elif args.name is not None:
+        parser.error("--name registers with an app: give --app-url too")
     return args
 
 
@@ -74,7 +80,16 @@ def main(argv: list[str] | None = None) -> int:
 
     from pi0_reward_server.scale.ray_servers import AppRegistrar, launch_servers
 
-    registrar = AppRegistrar(args.app_url, os.environ[args.token_env]) if args.app_url else None
+    registrar = AppRegistrar(args.app_url, os.environ[args.token_env], launcher=args.name) if args.app_url else None
+    if registrar is not None and args.name:
+        try:
+            stale = registrar.remove_stale()
+        except (RuntimeError, OSError) as exc:
+            print(f"error: cannot read the app's pool at {args.app_url}: {exc}", file=sys.stderr)
+            return 1
+        if stale:
+            logging.getLogger(__name__).info("deregistered %d server(s) left by an earlier launcher %r: %s",
+                                             len(stale), args.name, ", ".join(stale))
     try:
         ray.init(address=args.address, namespace="pi0_reward_server", log_to_driver=False)
     except ConnectionError as exc:

@@ -35,6 +35,9 @@ _worker_lock = threading.Lock()
 _rendering_checked = False
 CANCEL_WAIT_S = 5.0  # how long cancelled tasks get to end by themselves before their workers are killed
 DEADLINE_GRACE_S = 30.0  # beyond the deadline, for a task to notice it and answer
+# Every Ray worker process keeps a pool to every model server: the pool connects on first use, not ahead,
+# and checks a server in rotation this seldom (a dead one is still noticed at once, by the request that fails).
+WORKER_HEALTH_INTERVAL_S = 30.0
 
 
 def _pool_for(urls: list[str], pool_options: dict[str, Any]):
@@ -44,7 +47,9 @@ def _pool_for(urls: list[str], pool_options: dict[str, Any]):
 
     with _worker_lock:
         if _worker_pool is None:
-            _worker_pool = ClientPool(urls, report_gauges=False, allow_empty=True, **pool_options).start()
+            options = {**pool_options, "lazy_connections": True, "health_interval_s": max(
+                pool_options.get("health_interval_s", 2.0), WORKER_HEALTH_INTERVAL_S)}
+            _worker_pool = ClientPool(urls, report_gauges=False, allow_empty=True, **options).start()
         else:
             _worker_pool.set_servers(urls)
         pool = _worker_pool
@@ -63,16 +68,21 @@ def run_remote(task, urls: list[str], pool_options: dict[str, Any], deadline_wal
     deadline = time.monotonic() + (deadline_wall - time.time())
     options: dict[str, Any] = {}
     kept_env = None
-    if task.backend == "libero":
-        from pi0_reward_server.jobs import processes
-        from pi0_reward_server.kinds.libero import render_check
+    try:
+        if task.backend == "libero":
+            from pi0_reward_server.jobs import processes
+            from pi0_reward_server.kinds.libero import render_check
 
-        if not _rendering_checked:
-            render_check()
-            _rendering_checked = True
-        options["env_factory"] = processes._cached_make_env
-        kept_env = processes._cached_env
-    pool = _pool_for(urls, pool_options)
+            if not _rendering_checked:
+                render_check()
+                _rendering_checked = True
+            options["env_factory"] = processes._cached_make_env
+            kept_env = processes._cached_env
+        pool = _pool_for(urls, pool_options)
+    except Exception as exc:  # noqa: BLE001 - this worker cannot run it (no rendering, a bad pool option)
+        return TaskResult(score=failure_score, task=task.describe(),
+                          error=f"{type(exc).__name__}: the Ray worker on node {ray.util.get_node_ip_address()} "
+                                f"could not prepare the task: {exc}")
     result = run_task(task, lambda model: DeadlinePolicy(PoolPolicy(pool, model), deadline, budget_s),
                       failure_score, tracker=tracker, **options)
     if task.backend == "libero":  # whether this worker's environment from an earlier task served this one
@@ -129,7 +139,6 @@ class RayRunner:
         results: list[TaskResult | None] = [None] * len(tasks)
         budget_s = max(0.0, deadline - time.monotonic())
         deadline_wall = time.time() + budget_s
-        urls = self._urls()
         in_flight: dict[Any, int] = {}
         next_task = 0
         limit = max(max_workers, self.slots())  # Ray queues what the cluster cannot run yet; the rest waits here
@@ -153,8 +162,9 @@ class RayRunner:
                     break
                 while next_task < len(tasks) and len(in_flight) < limit:
                     tracker = trackers[next_task] if trackers is not None else None
-                    ref = self._remote.remote(tasks[next_task], urls, self._pool_options, deadline_wall, budget_s,
-                                              self.failure_score, tracker)
+                    # The servers as they stand now: a long job follows servers joining and leaving.
+                    ref = self._remote.remote(tasks[next_task], self._urls(), self._pool_options, deadline_wall,
+                                              budget_s, self.failure_score, tracker)
                     in_flight[ref] = next_task
                     next_task += 1
                 ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=0.2)
@@ -172,6 +182,10 @@ class RayRunner:
             return ray.get(ref)
         except ray.exceptions.TaskCancelledError:
             return self._failure(task, cancelled_reason)
+        except ray.exceptions.RayTaskError as exc:  # raised in the task itself (its worker lives on)
+            cause = exc.cause if isinstance(getattr(exc, "cause", None), BaseException) else exc
+            return self._failure(task, f"{type(cause).__name__}: the task failed in its Ray worker: "
+                                       f"{str(cause)[:300]}")
         except ray.exceptions.RayError as exc:  # its worker died more often than max_retries allows
             first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
             return self._failure(task, f"{type(exc).__name__}: the Ray worker running it was lost: {first_line[:300]}")

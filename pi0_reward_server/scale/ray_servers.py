@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import collections
 import ctypes
+import functools
 import json
 import logging
 import os
@@ -34,13 +35,33 @@ logger = logging.getLogger(__name__)
 _PR_SET_PDEATHSIG = 1
 
 
-def _die_with_parent() -> None:
-    """In the child before exec: SIGTERM it when the actor's process dies (even by SIGKILL), so the server
-    drains and exits instead of serving on as an orphan nobody tracks."""
+def _find_prctl():
+    """libc's prctl, looked up here in the parent: between fork and exec in a threaded process (a Ray
+    worker) the child may only call what is already resolved; a dlopen there can deadlock on a lock some
+    other thread held at the fork."""
     try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    except OSError:  # not Linux: the actor's stop() and Ray's own cleanup remain
-        pass
+        return ctypes.CDLL("libc.so.6", use_errno=True).prctl
+    except (OSError, AttributeError):  # not Linux: the actor's stop() and Ray's own cleanup remain
+        return None
+
+
+_prctl = _find_prctl()
+
+
+def _die_with_parent(parent: int) -> None:
+    """In the child before exec: SIGTERM it when the actor's process dies (even by SIGKILL), so the server
+    drains and exits instead of serving on as an orphan nobody tracks. A parent that died before the
+    prctl took effect sends nothing: then the child ends here."""
+    if _prctl is None:
+        return
+    _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:
+        os._exit(1)
+
+
+def _ws_url(host: str, port: int) -> str:
+    """``ws://host:port``, an IPv6 address in brackets."""
+    return f"ws://[{host}]:{port}" if ":" in host else f"ws://{host}:{port}"
 
 
 class _PortTaken(Exception):
@@ -64,11 +85,11 @@ class ModelServer:
         for attempt in range(attempts):
             # A free port chosen here, not --port 0: the port then does not depend on the server's log level.
             port = _free_port(host)
-            self.url = f"ws://{self.node_ip if host == '0.0.0.0' else host}:{port}"
+            self.url = _ws_url(self.node_ip if host in ("0.0.0.0", "::") else host, port)
             command = [sys.executable, "-m", "gpu_worker", *server_args, "--host", host, "--port", str(port)]
             self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                             env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
-                                            preexec_fn=_die_with_parent)
+                                            preexec_fn=functools.partial(_die_with_parent, os.getpid()))
             threading.Thread(target=self._drain, args=(self.process,), name="server-log", daemon=True).start()
             try:
                 self._wait_healthy(ready_timeout_s)
@@ -150,22 +171,30 @@ class AppRegistrar:
     """Servers join and leave a running reward app through ``POST|DELETE /admin/pool/servers`` (its token);
     the app records membership in its job store, so every app process (gunicorn worker) follows."""
 
-    def __init__(self, app_url: str, token: str, *, timeout_s: float = 10.0, attempts: int = 5) -> None:
+    def __init__(self, app_url: str, token: str, *, timeout_s: float = 10.0, attempts: int = 5,
+                 launcher: str | None = None) -> None:
+        """``launcher``: a name this launcher's servers are registered under (``where["launcher"]``), so a
+        later launcher of the same name can remove what a killed one left registered (:meth:`remove_stale`)."""
         if not app_url.startswith(("http://", "https://")):
             raise ValueError(f"app URL {app_url!r} must start with http:// or https://")
         if not token:
             raise ValueError("registering with an app needs its token (REWARD_SERVER_TOKEN)")
-        self.endpoint = app_url.rstrip("/") + "/admin/pool/servers"
-        self.token, self.timeout_s, self.attempts = token, timeout_s, attempts
+        self.app_url = app_url.rstrip("/")
+        self.endpoint = self.app_url + "/admin/pool/servers"
+        self.token, self.timeout_s, self.attempts, self.launcher = token, timeout_s, attempts, launcher
 
-    def _send(self, method: str, body: dict[str, Any]) -> dict[str, Any]:
-        request = urllib.request.Request(self.endpoint, data=json.dumps(body).encode(), method=method, headers={
+    def _send(self, method: str, body: dict[str, Any] | None, *, missing_ok: bool = False,
+              url: str | None = None) -> dict[str, Any]:
+        data = json.dumps(body).encode() if body is not None else None
+        request = urllib.request.Request(url or self.endpoint, data=data, method=method, headers={
             "Authorization": f"Bearer {self.token}", "Content-Type": "application/json"})
         for attempt in range(self.attempts):
             try:
                 with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
                     return json.loads(response.read())
             except urllib.error.HTTPError as exc:
+                if exc.code == 404 and missing_ok:
+                    return {"url": (body or {}).get("url"), "removed": False}
                 if exc.code < 500 or attempt == self.attempts - 1:  # refused: retrying will not help
                     raise RuntimeError(f"{method} {self.endpoint} answered {exc.code}: "
                                        f"{exc.read()[:300].decode(errors='replace')}") from None
@@ -176,10 +205,26 @@ class AppRegistrar:
         raise AssertionError("unreachable")
 
     def add(self, url: str, where: dict[str, Any]) -> None:
+        if self.launcher is not None:
+            where = {**where, "launcher": self.launcher}
         self._send("POST", {"url": url, "where": where})
 
+    def remove_stale(self) -> list[str]:
+        """Deregister the servers the app holds under this launcher's name: those of an earlier launcher of
+        the same name that was killed before it could deregister them (membership never expires by itself).
+        Their URLs."""
+        if self.launcher is None:
+            return []
+        status = self._send("GET", None, url=self.app_url + "/pool_status")
+        stale = [s["url"] for s in status.get("servers", []) if (s.get("where") or {}).get("launcher") == self.launcher]
+        for url in stale:
+            self.remove(url)
+        return stale
+
     def remove(self, url: str) -> None:
-        self._send("DELETE", {"url": url})
+        """A 404 (no app process and no record knows it: removed already, by hand or an earlier try whose
+        answer was lost) is the outcome asked for, not an error."""
+        self._send("DELETE", {"url": url}, missing_ok=True)
 
 
 class ServerGroup:
@@ -207,7 +252,8 @@ class ServerGroup:
             return self._members[url][0]
 
     def check(self, timeout_s: float = 10.0) -> list[str]:
-        """Drop (and deregister) the servers whose actor or process is gone; their URLs."""
+        """Drop, deregister and kill the servers whose actor or process is gone or does not answer (an actor
+        kept would hold its GPU, and a hung one may still run a process); their URLs."""
         with self._lock:
             members = list(self._members.items())
         refs = {url: actor.alive.remote() for url, (actor, _) in members}
@@ -222,8 +268,10 @@ class ServerGroup:
         for url in dead:
             logger.warning("model server actor at %s is gone; it leaves the pool", url)
             with self._lock:
-                self._members.pop(url, None)
+                entry = self._members.pop(url, None)
             self._deregister(url)
+            if entry is not None:
+                ray.kill(entry[0])  # its server process gets SIGTERM from the kernel (PR_SET_PDEATHSIG)
         return dead
 
     def watch(self, interval_s: float = 2.0, on_dead: Callable[[list[str]], None] | None = None) -> "ServerGroup":
@@ -310,7 +358,16 @@ def launch_servers(count: int | None = None, *, server_args: Sequence[str] = (),
         raise
     group = ServerGroup(actors, infos, registrar)
     if registrar is not None:
-        for info in infos:
-            registrar.add(info["url"], info)
+        registered = []
+        try:
+            for info in infos:
+                registrar.add(info["url"], info)
+                registered.append(info["url"])
+        except BaseException:  # all or none: no server stays registered, no actor keeps its GPU
+            for url in registered:
+                group._deregister(url)
+            for actor in actors:
+                ray.kill(actor)
+            raise
     logger.info("started %d model server(s) on Ray: %s", count, ", ".join(i["url"] for i in infos))
     return group
