@@ -10,7 +10,10 @@ picks one move per position:
 
 - ``network``: the shipped network's highest prior (served by gpu_worker);
 - ``mcts+net@S``: the project's MCTS with that network, S simulations;
-- ``mcts+uniform@S``: the same MCTS with uniform priors and value 0.
+- ``mcts+uniform@S``: the same MCTS with uniform priors and value 0;
+
+each MCTS player once per ``--search`` setting (see SEARCHES: textbook PUCT,
+first-play urgency, MCTS-Solver, decisive moves, Gumbel root and completed Q).
 
 ``optimal`` is the share of positions where the move's exact outcome is the
 best available; ``tactical`` the share among positions where a move wins at
@@ -38,6 +41,19 @@ from pi0_reward_server.policies import PoolPolicy  # noqa: E402
 from pi0_reward_server.kinds.selfplay.mcts import MCTSConfig, UniformEvaluator  # noqa: E402
 from pi0_reward_server.kinds.selfplay.play import PolicyEvaluator  # noqa: E402
 
+# Named search settings, each one step from textbook PUCT, so every improvement is measured on its own.
+SEARCHES = {
+    "puct": dict(selection="puct", solver=False, decisive=False),
+    "puct+fpu": dict(selection="puct", solver=False, decisive=False, fpu_reduction=0.2),
+    "puct+solver": dict(selection="puct", solver=True, decisive=False),
+    "puct+solver+decisive": dict(selection="puct", solver=True, decisive=True),
+    "puct+fpu+solver+decisive": dict(selection="puct", solver=True, decisive=True, fpu_reduction=0.2),
+    "gumbel": dict(selection="gumbel", solver=False, decisive=False),
+    "gumbel+solver": dict(selection="gumbel", solver=True, decisive=False),
+    "gumbel+solver+decisive": dict(selection="gumbel", solver=True, decisive=True),
+    "default": {},  # MCTSConfig's defaults: what the product runs
+}
+
 NETS = {"connect4": ("connect4", "Connect4Net", "connect4_6x7.pt"),
         "dots_boxes": ("dots_boxes_3x3", "DotsBoxes3x3Net", "dots_boxes_3x3.pt")}
 
@@ -62,11 +78,16 @@ def main() -> int:
     parser.add_argument("--players", default="network,net@64,net@400,uniform@400")
     parser.add_argument("--positions", type=int, default=400, help="the first N positions of each set")
     parser.add_argument("--leaves-per-round", type=int, default=8)
+    parser.add_argument("--search", default="default", help=f"comma-separated, of: {', '.join(SEARCHES)}")
     parser.add_argument("--checkpoint-dir", default=None, help="default: gpu_worker/checkpoints")
     parser.add_argument("--label", default="", help="a note stored with the figures (e.g. which search)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     players = parse_players(args.players)
+    searches = [x.strip() for x in args.search.split(",")]
+    for name in searches:
+        if name not in SEARCHES:
+            raise SystemExit(f"--search: unknown {name!r}; known: {', '.join(SEARCHES)}")
     games = [g.strip() for g in args.games.split(",")]
     for g in games:
         if g not in NETS:
@@ -85,25 +106,28 @@ def main() -> int:
                 positions = positions[: args.positions]
                 network = PolicyEvaluator(PoolPolicy(pool, NETS[name][0]))
                 rows = results["games"][name] = {}
-                for label, kind, sims in players:
+                runs = [(label, kind, sims, search) for label, kind, sims in players
+                        for search in (searches if kind != "network" else [None])]
+                for label, kind, sims, search in runs:
+                    key = label if search is None else f"{label} [{search}]"
                     started = time.perf_counter()
                     if kind == "network":
                         choices = network_choices(game, positions, network)
                     else:
-                        config = MCTSConfig(simulations=sims, leaves_per_round=args.leaves_per_round)
+                        config = MCTSConfig(simulations=sims, leaves_per_round=args.leaves_per_round, **SEARCHES[search])
                         choices = mcts_choices(game, positions, network if kind == "net" else UniformEvaluator(), config)
-                    rows[label] = {**score_choices(positions, choices), "seconds": time.perf_counter() - started}
-                    r = rows[label]
-                    print(f"{name:11s} {label:18s} optimal {r['optimal']:6.1%}   tactical {r['tactical']:6.1%} "
+                    rows[key] = {**score_choices(positions, choices), "seconds": time.perf_counter() - started}
+                    r = rows[key]
+                    print(f"{name:11s} {key:44s} optimal {r['optimal']:6.1%}   tactical {r['tactical']:6.1%} "
                           f"({r['tactical_positions']})   {r['seconds']:6.1f}s", flush=True)
     finally:
         server.stop()
 
     print(f"\nOptimal-outcome moves on exact reference positions ({args.positions} per game){' - ' + args.label if args.label else ''}\n")
-    print(f"  {'game':11s} {'player':18s} {'optimal':>8s} {'tactical':>9s}")
+    print(f"  {'game':11s} {'player [search]':44s} {'optimal':>8s} {'tactical':>9s}")
     for name, rows in results["games"].items():
         for label, r in rows.items():
-            print(f"  {name:11s} {label:18s} {r['optimal']:8.1%} {r['tactical']:9.1%}")
+            print(f"  {name:11s} {label:44s} {r['optimal']:8.1%} {r['tactical']:9.1%}")
     write_results(args.out or ROOT / "bench" / "results" / "selfplay_strength_cpu.json", results)
     return 0
 

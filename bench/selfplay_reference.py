@@ -40,6 +40,7 @@ from pi0_reward_server.kinds.selfplay.games import ConnectFour, DotsAndBoxes, ma
 DATA = ROOT / "bench" / "reference"
 DOTS_LINES_LEFT = (8, 14)  # inclusive: few enough lines left for an exhaustive solve
 CONNECT4_PLIES = (8, 20)  # inclusive: random plies from the empty board
+MAX_FAILURES_KEPT = 10  # failures written with the figures, for study
 
 
 # -- Dots and Boxes -----------------------------------------------------------------------------------
@@ -199,7 +200,7 @@ def score_choices(positions: list[dict], choices: list[int]) -> dict:
                 for p, c, h in zip(positions, choices, hits) if not h]
     return {"positions": len(hits), "optimal": float(np.mean(hits)) if hits else 0.0,
             "tactical_positions": len(tactical), "tactical": float(np.mean(tactical)) if tactical else 1.0,
-            "failures": failures}
+            "failed": len(failures), "failures": failures[:MAX_FAILURES_KEPT]}
 
 
 def network_choices(game, positions: list[dict], evaluator) -> list[int]:
@@ -212,11 +213,11 @@ def network_choices(game, positions: list[dict], evaluator) -> list[int]:
 
 def mcts_choices(game, positions: list[dict], evaluator, config, *, seed: int = 0) -> list[int]:
     """The search's choice (no root noise), all positions searched together as the product does."""
-    from pi0_reward_server.kinds.selfplay.mcts import choose_action, search
+    from pi0_reward_server.kinds.selfplay.mcts import search_roots
 
     rng = np.random.default_rng(seed)
-    visits = search(game, [p["state"] for p in positions], evaluator, config, rng, add_noise=False)
-    return [choose_action(v, rng, temperature=0) for v in visits]
+    return [r.action for r in search_roots(game, [p["state"] for p in positions], evaluator, config, rng,
+                                           add_noise=False)]
 
 
 def main() -> int:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from pi0_reward_server.kinds.selfplay.games import C4State, ConnectFour, DotsAndBoxes, make_game
-from pi0_reward_server.kinds.selfplay.mcts import MCTSConfig, UniformEvaluator, search
+from pi0_reward_server.kinds.selfplay.mcts import MCTSConfig, UniformEvaluator, search, search_roots
 
 
 def play(game, moves, state=None):
@@ -89,9 +89,11 @@ def test_encoding_is_from_the_movers_view():
 
 
 # -- MCTS --------------------------------------------------------------------------------------------
+PUCT = dict(selection="puct", solver=False, decisive=False)  # textbook AlphaZero PUCT
+
+
 def best_moves(game, state, config):
-    visits = search(game, [state], UniformEvaluator(), config, np.random.default_rng(0), add_noise=False)[0]
-    return int(np.argmax(visits))
+    return search_roots(game, [state], UniformEvaluator(), config, np.random.default_rng(0), add_noise=False)[0].action
 
 
 def test_mcts_takes_an_immediate_win():
@@ -172,7 +174,7 @@ def test_virtual_loss_batches_spread_over_different_leaves():
             return super().evaluate(observations, legal)
 
     states = [game.initial_state()] * 3
-    visits = search(game, states, Counting(), MCTSConfig(simulations=16, leaves_per_round=8),
+    visits = search(game, states, Counting(), MCTSConfig(simulations=16, leaves_per_round=8, **PUCT),
                     np.random.default_rng(0), add_noise=False)
     assert calls[0] == 3  # the three roots, in one call
     # Round 1: 8 selections per tree reach its 7 distinct children (the 8th would repeat one): 21 leaves.

@@ -1,0 +1,192 @@
+"""Self-play strength against exact solutions: solvers, the search's proven values, Gumbel's schedule, and the
+shipped networks through a model server on the fixed reference sets (bench/reference/).
+
+The strength floors sit just under what bench/bench_selfplay_strength.py measured on the same positions.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+
+from bench.selfplay_reference import (DotsBoxesSolver, connect4_move_outcomes, connect4_threats, load, mcts_choices,
+                                      play_moves, score_choices)
+from gpu_worker.config import ModelConfig
+from pi0_reward_server.client_pool import ClientPool
+from pi0_reward_server.kinds.selfplay.games import ConnectFour, make_game
+from pi0_reward_server.kinds.selfplay.mcts import MCTSConfig, UniformEvaluator, considered_visits, search_roots
+from pi0_reward_server.kinds.selfplay.play import PolicyEvaluator
+from pi0_reward_server.policies import PoolPolicy
+
+sys.path.insert(0, "tests")
+from test_selfplay_games import solve  # noqa: E402  the slow, obviously-correct solver on the game's own API
+
+PUCT = dict(selection="puct", solver=False, decisive=False)
+SHIPPED = (ModelConfig.parse("connect4=gpu_worker.models.selfplay_net:Connect4Net"),
+           ModelConfig.parse("dots_boxes_3x3=gpu_worker.models.selfplay_net:DotsBoxes3x3Net"))
+MODEL = {"connect4": "connect4", "dots_boxes": "dots_boxes_3x3"}
+
+
+def random_state(game, rng, plies):
+    state = game.initial_state()
+    for _ in range(plies):
+        if game.terminal(state):
+            break
+        state = game.next_state(state, int(rng.choice(np.flatnonzero(game.legal_mask(state)))))
+    return state
+
+
+# -- the reference solvers ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("rows, cols", [(1, 2), (2, 2)])
+def test_dots_boxes_solver_agrees_with_exhaustive_search(rows, cols):
+    game = make_game("dots_boxes", rows, cols)
+    _, child_value = solve(game)
+    solver = DotsBoxesSolver(game)
+    rng = np.random.default_rng(5)
+    for _ in range(60):
+        state = random_state(game, rng, int(rng.integers(0, game.num_actions - 1)))
+        expected = {int(a): child_value(state, a) for a in np.flatnonzero(game.legal_mask(state))}
+        assert solver.move_outcomes(state) == expected
+
+
+def test_committed_reference_sets_match_the_live_solvers():
+    """A handful of each committed set re-solved now: BitBully for Connect Four, our solver for Dots and Boxes."""
+    pytest.importorskip("bitbully", reason="bash scripts/install_selfplay_reference.sh installs it")
+    for name in ("connect4", "dots_boxes"):
+        game, positions = load(name)
+        assert len(positions) >= 100
+        solver = DotsBoxesSolver(game) if name == "dots_boxes" else None
+        for p in positions[::40]:
+            live = connect4_move_outcomes(p["moves"]) if solver is None else solver.move_outcomes(p["state"])
+            assert live == p["outcomes"], p["moves"]
+            assert len(set(live.values())) > 1  # only positions where a move can be wrong
+
+
+def test_connect_four_rules_agree_with_bitbully():
+    """Random games: the same legal moves, wins and draws as BitBully's board."""
+    bitbully = pytest.importorskip("bitbully", reason="bash scripts/install_selfplay_reference.sh installs it")
+    game = ConnectFour()
+    rng = np.random.default_rng(3)
+    for _ in range(40):
+        state, board = game.initial_state(), bitbully.Board()
+        while not game.terminal(state):
+            assert sorted(np.flatnonzero(game.legal_mask(state)).tolist()) == sorted(board.legal_moves())
+            move = int(rng.choice(np.flatnonzero(game.legal_mask(state))))
+            state = game.next_state(state, move)
+            board.play(move)
+            assert (state.winner >= 0) == board.has_win()
+        assert board.is_game_over()
+
+
+# -- immediate wins and forced blocks -----------------------------------------------------------------------
+@pytest.mark.parametrize("config", [MCTSConfig(simulations=8), MCTSConfig(simulations=400, selection="puct")],
+                         ids=["default@8", "puct+solver@400"])
+def test_immediate_wins_and_forced_blocks_are_always_found_without_knowledge(config):
+    """With decisive moves and the solver, even a knowledge-free search never misses one, in any of the set."""
+    game, positions = load("connect4")
+    tactical = [p for p in positions if p["tags"]]
+    assert len(tactical) >= 100
+    choices = mcts_choices(game, tactical, UniformEvaluator(), config)
+    assert score_choices(tactical, choices)["tactical"] == 1.0
+
+
+def test_an_immediate_win_proves_the_root_at_once():
+    game = ConnectFour()
+    state = play_moves(game, [0, 6, 1, 6, 2, 5])  # player 0 has 0, 1, 2 on the bottom row
+    result = search_roots(game, [state], UniformEvaluator(), MCTSConfig(simulations=64), np.random.default_rng(0),
+                          add_noise=True)[0]
+    assert result.action == 3 and result.proven == 1.0
+    assert result.policy[3] == 1.0
+
+
+def test_a_forced_block_is_found_and_other_moves_proven_lost():
+    game = ConnectFour()
+    state = play_moves(game, [6, 0, 6, 1, 5, 2])  # player 1 threatens column 3; player 0 to move
+    assert connect4_threats(game, state) == {3}
+    for selection in ("puct", "gumbel"):
+        result = search_roots(game, [state], UniformEvaluator(), MCTSConfig(simulations=64, selection=selection),
+                              np.random.default_rng(0), add_noise=False)[0]
+        assert result.action == 3, selection
+
+
+# -- MCTS-Solver ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("selection", ["puct", "gumbel"])
+def test_solver_proves_tiny_dots_and_boxes_exactly(selection):
+    """Small enough to prove: the root's proven value and move match the exhaustive solver, also where a
+    completed box gives the same player another move (the proof must not flip sides there)."""
+    game = make_game("dots_boxes", 2, 2)
+    value, child_value = solve(game)
+    rng = np.random.default_rng(11)
+    proven = 0
+    for _ in range(40):
+        state = random_state(game, rng, int(rng.integers(5, 9)))
+        if game.terminal(state):
+            continue
+        result = search_roots(game, [state], UniformEvaluator(),
+                              MCTSConfig(simulations=3000, leaves_per_round=4, selection=selection),
+                              np.random.default_rng(0), add_noise=False)[0]
+        if result.proven is None:
+            continue
+        scores = state.scores
+        lead = scores[state.to_play] - scores[1 - state.to_play]
+        assert result.proven == value(tuple(state.edges), scores, state.to_play), (state.edges.tolist(), lead)
+        assert child_value(state, result.action) == result.proven
+        proven += 1
+    assert proven >= 20
+
+
+# -- Gumbel root: sequential halving ------------------------------------------------------------------------
+def test_considered_visits_is_sequential_halving():
+    schedule = considered_visits(4, 16)
+    # 4 moves x 2 visits, then the best 2 x 4 more visits: mctx's table for (4, 16).
+    assert schedule == (0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5)
+    assert considered_visits(1, 5) == (0, 1, 2, 3, 4)
+    assert len(considered_visits(16, 400)) == 400
+
+
+@pytest.mark.parametrize("selection", ["puct", "gumbel"])
+@pytest.mark.parametrize("game_name, leaves", [("connect4", 32), ("dots_boxes", 64)])
+def test_every_requested_simulation_is_run_with_each_selection(selection, game_name, leaves):
+    game = make_game(game_name)
+    config = MCTSConfig(simulations=2 * leaves, leaves_per_round=leaves, selection=selection)
+    result = search_roots(game, [game.initial_state()], UniformEvaluator(), config, np.random.default_rng(0),
+                          add_noise=True)[0]
+    assert result.visits.sum() == 2 * leaves
+    assert abs(result.policy.sum() - 1.0) < 1e-9 and (result.policy[~game.legal_mask(game.initial_state())] == 0).all()
+
+
+def test_gumbel_root_visits_the_considered_moves_by_halving():
+    game = make_game("connect4")
+    config = MCTSConfig(simulations=64, leaves_per_round=1, selection="gumbel", max_considered=4)
+    result = search_roots(game, [game.initial_state()], UniformEvaluator(), config, np.random.default_rng(2),
+                          add_noise=True)[0]
+    visited = np.sort(result.visits[result.visits > 0])[::-1]
+    assert len(visited) == 4  # only the 4 sampled moves
+    assert visited[0] >= visited[1] > visited[2] == visited[3]  # two survived the first halving
+    assert result.visits[result.action] == visited[0]
+
+
+# -- the shipped networks, through a model server ----------------------------------------------------------
+# Measured by bench/bench_selfplay_strength.py with the same settings on the same first positions.
+STRENGTH_FLOORS = {  # game: (positions, simulations, floor for the share of optimal moves)
+    "dots_boxes": (60, 400, 0.80),
+    "connect4": (60, 400, 0.85),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("game_name", ["dots_boxes", "connect4"])
+def test_shipped_network_with_search_is_near_optimal(start_server, game_name):
+    positions_n, simulations, floor = STRENGTH_FLOORS[game_name]
+    server = start_server(models=SHIPPED, log_level="WARNING", max_queue=65536)
+    game, positions = load(game_name)
+    positions = positions[:positions_n]
+    with ClientPool([server.url]).start(wait_s=10) as pool:
+        network = PolicyEvaluator(PoolPolicy(pool, MODEL[game_name]))
+        choices = mcts_choices(game, positions, network, MCTSConfig(simulations=simulations))
+        assert network.calls > 0
+    figures = score_choices(positions, choices)
+    assert figures["optimal"] >= floor, {k: v for k, v in figures.items() if k != "failures"}
+    assert figures["tactical"] == 1.0
