@@ -190,3 +190,16 @@ def test_every_requested_simulation_is_run_even_with_wide_rounds(game_name, leav
     config = MCTSConfig(simulations=leaves, leaves_per_round=leaves)
     visits = search(game, [game.initial_state()], UniformEvaluator(), config, np.random.default_rng(0), add_noise=False)
     assert visits[0].sum() == leaves
+
+
+def test_games_can_start_from_given_positions():
+    from pi0_reward_server.kinds.selfplay.play import Agent, play_games
+
+    game = ConnectFour()
+    start = play(game, [0, 6, 1, 6, 2, 5])  # player 0 wins at once in column 3
+    agent = Agent("mcts", UniformEvaluator(), MCTSConfig(simulations=16))
+    results = play_games(game, [(agent, agent)] * 2, np.random.default_rng(0), starts=[start, game.initial_state()])
+    assert results[0].moves == [3] and results[0].outcome == 1.0
+    assert len(results[1].moves) > 1
+    with pytest.raises(ValueError, match="starts has 1 states for 2 games"):
+        play_games(game, [(agent, agent)] * 2, np.random.default_rng(0), starts=[start])

@@ -87,20 +87,24 @@ def play_games(
     record: bool = False,
     max_moves: int = 10_000,
     on_game_over=None,
+    starts: list | None = None,
 ) -> list[GameResult]:
     """Play ``len(seats)`` games; game g has ``seats[g][0]`` as player 0 and ``seats[g][1]`` as player 1.
 
     The first ``temperature_moves`` moves of each game are sampled from the
     search's policy (the visit distribution for PUCT, the improved policy for
     Gumbel; temperature 1), later ones are the search's own choice. Recorded
-    policies are the same search policies: the training targets.
+    policies are the same search policies: the training targets. ``starts``
+    (one state per game) begins games elsewhere than the initial position.
     """
     agents: list[Agent] = []
     for pair in seats:
         for agent in pair:
             if all(agent is not a for a in agents):
                 agents.append(agent)
-    states = [game.initial_state() for _ in seats]
+    if starts is not None and len(starts) != len(seats):
+        raise ValueError(f"starts has {len(starts)} states for {len(seats)} games")
+    states = list(starts) if starts is not None else [game.initial_state() for _ in seats]
     results = [GameResult(0.0, []) for _ in seats]
     live = [g for g in range(len(seats)) if not game.terminal(states[g])]
     while live:
