@@ -169,10 +169,11 @@ def test_gumbel_root_visits_the_considered_moves_by_halving():
 
 
 # -- the shipped networks, through a model server ----------------------------------------------------------
-# Measured by bench/bench_selfplay_strength.py with the same settings on the same first positions.
+# `python bench/bench_selfplay_strength.py --positions 60 --players net@400` measured 56/60 (93.3%) for Dots and
+# Boxes and 57/60 (95.0%) for Connect Four; each floor allows one more miss.
 STRENGTH_FLOORS = {  # game: (positions, simulations, floor for the share of optimal moves)
-    "dots_boxes": (60, 400, 0.80),
-    "connect4": (60, 400, 0.85),
+    "dots_boxes": (60, 400, 0.91),
+    "connect4": (60, 400, 0.93),
 }
 
 
