@@ -43,10 +43,10 @@ from pi0_reward_server.kinds.selfplay.play import PolicyEvaluator  # noqa: E402
 
 # Named search settings, each one step from textbook PUCT, so every improvement is measured on its own.
 SEARCHES = {
-    "puct": dict(selection="puct", solver=False, decisive=False),
+    "puct": dict(selection="puct", solver=False, decisive=False, fpu_reduction=None),
     "puct+fpu": dict(selection="puct", solver=False, decisive=False, fpu_reduction=0.2),
-    "puct+solver": dict(selection="puct", solver=True, decisive=False),
-    "puct+solver+decisive": dict(selection="puct", solver=True, decisive=True),
+    "puct+solver": dict(selection="puct", solver=True, decisive=False, fpu_reduction=None),
+    "puct+solver+decisive": dict(selection="puct", solver=True, decisive=True, fpu_reduction=None),
     "puct+fpu+solver+decisive": dict(selection="puct", solver=True, decisive=True, fpu_reduction=0.2),
     "gumbel": dict(selection="gumbel", solver=False, decisive=False),
     "gumbel+solver": dict(selection="gumbel", solver=True, decisive=False),

@@ -89,7 +89,7 @@ def test_encoding_is_from_the_movers_view():
 
 
 # -- MCTS --------------------------------------------------------------------------------------------
-PUCT = dict(selection="puct", solver=False, decisive=False)  # textbook AlphaZero PUCT
+PUCT = dict(selection="puct", solver=False, decisive=False, fpu_reduction=None)  # textbook AlphaZero PUCT
 
 
 def best_moves(game, state, config):

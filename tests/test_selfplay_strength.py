@@ -23,7 +23,6 @@ from pi0_reward_server.policies import PoolPolicy
 sys.path.insert(0, "tests")
 from test_selfplay_games import solve  # noqa: E402  the slow, obviously-correct solver on the game's own API
 
-PUCT = dict(selection="puct", solver=False, decisive=False)
 SHIPPED = (ModelConfig.parse("connect4=gpu_worker.models.selfplay_net:Connect4Net"),
            ModelConfig.parse("dots_boxes_3x3=gpu_worker.models.selfplay_net:DotsBoxes3x3Net"))
 MODEL = {"connect4": "connect4", "dots_boxes": "dots_boxes_3x3"}
@@ -169,11 +168,11 @@ def test_gumbel_root_visits_the_considered_moves_by_halving():
 
 
 # -- the shipped networks, through a model server ----------------------------------------------------------
-# `python bench/bench_selfplay_strength.py --positions 60 --players net@400` measured 56/60 (93.3%) for Dots and
-# Boxes and 57/60 (95.0%) for Connect Four; each floor allows one more miss.
+# `python bench/bench_selfplay_strength.py --positions 60 --players net@400` measured 57/60 (95.0%) for Dots and
+# Boxes and 54/60 (90.0%) for Connect Four; each floor allows one more miss.
 STRENGTH_FLOORS = {  # game: (positions, simulations, floor for the share of optimal moves)
-    "dots_boxes": (60, 400, 0.91),
-    "connect4": (60, 400, 0.93),
+    "dots_boxes": (60, 400, 0.93),
+    "connect4": (60, 400, 0.88),
 }
 
 

@@ -9,8 +9,9 @@ supplementary materials): at a node s, select
 
 where N(s) = sum_b N(s, b), Q(s, a) = W(s, a) / N(s, a), and P are the
 network's priors (masked to legal moves). An unvisited move's Q is 0 in
-AlphaZero; with ``fpu_reduction`` set it is the node's value estimate minus
-that reduction (first-play urgency, as Leela Chess Zero does). At the root,
+AlphaZero; with ``fpu_reduction`` set (0.2 by default, which measured
+stronger in bench/bench_selfplay_strength.py) it is the node's value estimate
+minus that reduction (first-play urgency, as Leela Chess Zero does). At the root,
 priors are mixed with Dirichlet noise: P = (1 - eps) * P + eps * Dir(alpha),
 with AlphaZero's eps = 0.25 and alpha = 10 / num_actions, capped at 1.
 
@@ -90,7 +91,7 @@ class MCTSConfig:
     selection: str = "puct"  # "puct" (AlphaZero) or "gumbel" (Gumbel MuZero): PUCT measured stronger here
     solver: bool = True  # MCTS-Solver: proven outcomes decide their parents
     decisive: bool = True  # look one move ahead at expansion for moves that end the game (needs solver)
-    fpu_reduction: float | None = None  # PUCT only; None: an unvisited move's Q is 0 (AlphaZero)
+    fpu_reduction: float | None = 0.2  # PUCT only; None: an unvisited move's Q is 0 (AlphaZero)
     max_considered: int = 16  # Gumbel: moves sampled at the root
     c_visit: float = GUMBEL_C_VISIT
     c_scale: float = GUMBEL_C_SCALE
