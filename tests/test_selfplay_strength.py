@@ -190,3 +190,47 @@ def test_shipped_network_with_search_is_near_optimal(start_server, game_name):
     figures = score_choices(positions, choices)
     assert figures["optimal"] >= floor, {k: v for k, v in figures.items() if k != "failures"}
     assert figures["tactical"] == 1.0
+
+
+# -- the scripts, end to end with tiny settings (their figures are not checked) -----------------------------
+@pytest.mark.slow
+def test_strength_benchmark_and_training_script_run(tmp_path):
+    import json
+    import os
+    import pathlib
+    import subprocess
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    bench_out = tmp_path / "strength.json"
+    subprocess.run([sys.executable, str(root / "bench" / "bench_selfplay_strength.py"), "--positions", "4",
+                    "--players", "network,net@8,uniform@8", "--search", "default,puct", "--out", str(bench_out)],
+                   check=True, env=env, cwd=root, capture_output=True, timeout=240)
+    figures = json.loads(bench_out.read_text())["games"]
+    assert set(figures) == {"dots_boxes", "connect4"}
+    assert {"network", "mcts+net@8 [default]", "mcts+uniform@8 [puct]"} <= set(figures["connect4"])
+    assert all(r["positions"] == 4 for rows in figures.values() for r in rows.values())
+
+    summary_path, checkpoint = tmp_path / "training.json", tmp_path / "net.pt"
+    subprocess.run([sys.executable, str(root / "scripts" / "train_selfplay.py"), "--game", "dots_boxes",
+                    "--iterations", "1", "--games", "2", "--simulations", "4", "--random-plies", "6",
+                    "--eval-games", "2", "--eval-simulations", "4", "--out", str(checkpoint),
+                    "--results", str(summary_path)], check=True, env=env, cwd=root, capture_output=True, timeout=240)
+    summary = json.loads(summary_path.read_text())
+    assert summary["games"] == 2 and summary["iterations"] == 1 and checkpoint.is_file()
+    assert summary["previous"] == "gpu_worker/checkpoints/dots_boxes_3x3.pt"
+    assert summary["eval"]["vs_previous"]["wins"] + summary["eval"]["vs_previous"]["draws"] + \
+        summary["eval"]["vs_previous"]["losses"] == 2
+
+
+def test_training_script_refuses_bad_flags(tmp_path):
+    import pathlib
+    import subprocess
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    for flags, message in ((["--eval-games", "3"], "--eval-games must be even"),
+                           (["--random-plies", "-1"], "--random-plies must be >= 0"),
+                           (["--init", str(tmp_path / "missing.pt")], "--init: no checkpoint at")):
+        result = subprocess.run([sys.executable, str(root / "scripts" / "train_selfplay.py"), "--game", "connect4",
+                                 *flags], cwd=root, capture_output=True, text=True, timeout=60)
+        assert result.returncode == 2 and message in result.stderr, result.stderr
