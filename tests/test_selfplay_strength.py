@@ -110,6 +110,20 @@ def test_a_forced_block_is_found_and_other_moves_proven_lost():
         assert result.action == 3, selection
 
 
+@pytest.mark.parametrize("selection", ["puct", "gumbel"])
+def test_moves_proven_lost_get_no_policy_mass(selection):
+    """The policy is sampled from in the opening moves and is the training target: a move the search has proven
+    to lose (here every move but the block, each of which lets column 3 win at once) gets none of it."""
+    game = ConnectFour()
+    state = play_moves(game, [6, 0, 6, 1, 5, 2])
+    for move in set(range(7)) - {3}:
+        assert game.next_state(game.next_state(state, move), 3).winner == 1
+    result = search_roots(game, [state], UniformEvaluator(), MCTSConfig(simulations=32, selection=selection),
+                          np.random.default_rng(0), add_noise=True)[0]
+    assert result.proven is None and result.visits[[a for a in range(7) if a != 3]].sum() > 0
+    assert result.policy[3] == 1.0 and result.action == 3
+
+
 # -- MCTS-Solver ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("selection", ["puct", "gumbel"])
 def test_solver_proves_tiny_dots_and_boxes_exactly(selection):

@@ -116,7 +116,8 @@ class MCTSConfig:
 @dataclasses.dataclass
 class SearchResult:
     """One root's search. ``visits`` (A,); ``policy`` (A,) the training target (visit distribution for PUCT,
-    the improved policy for Gumbel, the proven-best moves for a proven root); ``action`` the search's move;
+    the improved policy for Gumbel, either without the moves proven lost; uniform over the proven-best moves for
+    a root proven won or drawn, over all legal moves for a root proven lost); ``action`` the search's move;
     ``proven`` the root's exact value for its player to move, or None."""
 
     visits: np.ndarray
@@ -332,9 +333,22 @@ class _Root:
             score[forbidden | (self.begun < most)] = -np.inf
             action = int(np.argmax(score))
         else:
-            policy = visits / max(visits.sum(), 1.0)
+            policy = visits.copy()
             action = int(np.argmax(np.where(forbidden, -np.inf, visits)))
-        return SearchResult(visits, policy, action, node.proven)
+        return SearchResult(visits, _target(policy, node, forbidden), action, node.proven)
+
+
+def _target(policy: np.ndarray, node: Node, forbidden: np.ndarray) -> np.ndarray:
+    """The training target (and the opening moves' sampling distribution) from a root's raw policy: proven losses
+    get no mass while some move is not one, since sampling or learning them would play a known blunder. A root
+    proven lost (every move loses, possibly proven at expansion before any simulation) gets the uniform policy
+    over its legal moves: all of them are equally lost, so no move should be taught over another; it also covers
+    a raw policy left with no mass (its visits all went to moves since proven lost)."""
+    if node.proven == -1.0:
+        return node.legal / node.legal.sum()
+    policy = np.where(forbidden, 0.0, policy)
+    total = float(policy.sum())
+    return policy / total if total > 0 else ~forbidden / (~forbidden).sum()
 
 
 def _evaluate_and_expand(game: Game, evaluator: Evaluator, nodes: list[Node], config: MCTSConfig) -> np.ndarray:
