@@ -248,3 +248,48 @@ def test_training_script_refuses_bad_flags(tmp_path):
         result = subprocess.run([sys.executable, str(root / "scripts" / "train_selfplay.py"), "--game", "connect4",
                                  *flags], cwd=root, capture_output=True, text=True, timeout=60)
         assert result.returncode == 2 and message in result.stderr, result.stderr
+
+
+# -- the optional BitBully install ----------------------------------------------------------------------------
+def _scripts_copy(tmp_path, pip_exit: int):
+    """A copy of scripts/ whose .venv python records pip's arguments (exiting ``pip_exit``) and runs the rest."""
+    import pathlib
+    import shutil
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    shutil.copytree(root / "scripts", tmp_path / "scripts")
+    (tmp_path / ".venv" / "bin").mkdir(parents=True)
+    python = tmp_path / ".venv" / "bin" / "python"
+    python.write_text(f"""#!/usr/bin/env bash
+if [ "$1 $2" = "-m pip" ]; then echo "${{@:3}}" >> {tmp_path}/pip-args; exit {pip_exit}; fi
+if [ "$1 $2" = "-m pytest" ]; then echo "pytest ran"; exit 0; fi
+exec {sys.executable} "$@"
+""")
+    python.chmod(0o755)
+    return tmp_path
+
+
+def test_the_reference_install_takes_its_pin_from_pyproject(tmp_path):
+    import subprocess
+
+    copy = _scripts_copy(tmp_path, pip_exit=0)
+    (copy / "pyproject.toml").write_text('[project]\nname = "x"\n[project.optional-dependencies]\n'
+                                         'selfplay-reference = ["bitbully==9.9.9"]\n')
+    subprocess.run(["bash", "scripts/install_selfplay_reference.sh"], cwd=copy, check=True, capture_output=True,
+                   timeout=60)
+    assert (copy / "pip-args").read_text().split() == ["install", "-q", "bitbully==9.9.9"]
+
+
+def test_a_failed_reference_install_does_not_stop_the_test_run(tmp_path):
+    """scripts/test.sh: the tests that need BitBully skip without it, so its failed install only warns."""
+    import subprocess
+
+    copy = _scripts_copy(tmp_path, pip_exit=1)
+    for script in (copy / "scripts").glob("install*.sh"):
+        if script.name != "install_selfplay_reference.sh":
+            script.write_text("exit 0\n")
+    (copy / "pyproject.toml").write_text('[project]\nname = "x"\n[project.optional-dependencies]\n'
+                                         'selfplay-reference = ["bitbully==0.0.79"]\n')
+    result = subprocess.run(["bash", "scripts/test.sh"], cwd=copy, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and "pytest ran" in result.stdout, result.stderr
+    assert "the self-play tests that need BitBully will be skipped" in result.stderr
