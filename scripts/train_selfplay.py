@@ -6,9 +6,9 @@
 Each iteration starts a gpu_worker hosting the current weights (spawned, so
 this process's torch never touches the server's), plays ``--games`` self-play
 games at once with batched MCTS through the client pool (the product's search:
-Gumbel root noise by default, Dirichlet noise with ``--selection puct``; the
-search's policy for the opening moves), trains the network on the last
-``--window`` iterations' positions (cross-entropy to the search's policy, the
+PUCT with Dirichlet root noise by default, Gumbel root noise with
+``--selection gumbel``; the search's policy for the opening moves), trains
+the network on the last ``--window`` iterations' positions (cross-entropy to the search's policy, the
 improved policy with Gumbel, plus squared error to the final outcome, as in
 AlphaZero), and saves the weights. ``--init`` continues from a checkpoint
 (default: the shipped one), ``--minutes`` caps the wall time.

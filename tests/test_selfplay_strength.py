@@ -80,8 +80,8 @@ def test_connect_four_rules_agree_with_bitbully():
 
 
 # -- immediate wins and forced blocks -----------------------------------------------------------------------
-@pytest.mark.parametrize("config", [MCTSConfig(simulations=8), MCTSConfig(simulations=400, selection="puct")],
-                         ids=["default@8", "puct+solver@400"])
+@pytest.mark.parametrize("config", [MCTSConfig(simulations=8), MCTSConfig(simulations=400)],
+                         ids=["default@8", "default@400"])
 def test_immediate_wins_and_forced_blocks_are_always_found_without_knowledge(config):
     """With decisive moves and the solver, even a knowledge-free search never misses one, in any of the set."""
     game, positions = load("connect4")

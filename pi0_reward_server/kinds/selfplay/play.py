@@ -155,8 +155,8 @@ def encode_records(results: list[GameResult], max_positions: int) -> dict[str, A
     """Training records in a compact form: base64 of little-endian arrays.
 
     ``states``: float16 (P, obs_dim) encodings from the mover's view;
-    ``policies``: float16 (P, A) visit distributions; ``values``: int8 (P,)
-    final outcome from the mover's view (+1 win, 0 draw, -1 loss). At most
+    ``policies``: float16 (P, A) the search's policies (``SearchResult.policy``);
+    ``values``: int8 (P,) final outcome from the mover's view (+1 win, 0 draw, -1 loss). At most
     ``max_positions`` positions, whole games first; ``truncated`` says if
     any were left out.
     """
