@@ -50,17 +50,34 @@ def test_dots_boxes_solver_agrees_with_exhaustive_search(rows, cols):
         assert solver.move_outcomes(state) == expected
 
 
-def test_committed_reference_sets_match_the_live_solvers():
-    """A handful of each committed set re-solved now: BitBully for Connect Four, our solver for Dots and Boxes."""
-    pytest.importorskip("bitbully", reason="bash scripts/install_selfplay_reference.sh installs it")
-    for name in ("connect4", "dots_boxes"):
-        game, positions = load(name)
-        assert len(positions) >= 100
-        solver = DotsBoxesSolver(game) if name == "dots_boxes" else None
-        for p in positions[::40]:
-            live = connect4_move_outcomes(p["moves"]) if solver is None else solver.move_outcomes(p["state"])
-            assert live == p["outcomes"], p["moves"]
-            assert len(set(live.values())) > 1  # only positions where a move can be wrong
+@pytest.mark.parametrize("name", ["connect4", "dots_boxes"])
+def test_committed_reference_sets_match_the_live_solvers(name):
+    """A handful of each committed set re-solved now: BitBully for Connect Four (skipped without it), our own
+    solver for Dots and Boxes (always)."""
+    if name == "connect4":
+        pytest.importorskip("bitbully", reason="bash scripts/install_selfplay_reference.sh installs it")
+    game, positions = load(name)
+    assert len(positions) >= 100
+    solver = DotsBoxesSolver(game) if name == "dots_boxes" else None
+    for p in positions[::40]:
+        live = connect4_move_outcomes(p["moves"]) if solver is None else solver.move_outcomes(p["state"])
+        assert live == p["outcomes"], p["moves"]
+        assert len(set(live.values())) > 1  # only positions where a move can be wrong
+
+
+def test_the_dots_and_boxes_reference_check_runs_without_bitbully(tmp_path):
+    """With bitbully unimportable only the Connect Four half of the check above skips."""
+    import os
+    import pathlib
+    import subprocess
+
+    here = pathlib.Path(__file__).resolve()
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    code = "import sys, pytest; sys.modules['bitbully'] = None; sys.exit(pytest.main(sys.argv[1:]))"
+    result = subprocess.run([sys.executable, "-c", code, "-q", "-p", "no:cacheprovider", "-k",
+                             "committed_reference_sets", str(here)],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "1 passed, 1 skipped" in result.stdout, result.stdout[-2000:]
 
 
 def test_connect_four_rules_agree_with_bitbully():
@@ -293,3 +310,18 @@ def test_a_failed_reference_install_does_not_stop_the_test_run(tmp_path):
     result = subprocess.run(["bash", "scripts/test.sh"], cwd=copy, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and "pytest ran" in result.stdout, result.stderr
     assert "the self-play tests that need BitBully will be skipped" in result.stderr
+
+
+def test_the_tests_import_bench_without_pythonpath(tmp_path):
+    """pyproject's pytest settings put the repository root on sys.path, so plain `pytest` from anywhere imports
+    bench.selfplay_reference as this file does."""
+    import os
+    import pathlib
+    import subprocess
+
+    here = pathlib.Path(__file__).resolve()
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    result = subprocess.run([sys.executable, "-c", "import sys, pytest; sys.exit(pytest.main(sys.argv[1:]))",
+                             "--collect-only", "-q", "-p", "no:cacheprovider", str(here)],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout[-2000:]
