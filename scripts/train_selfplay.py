@@ -5,19 +5,27 @@
 
 Each iteration starts a gpu_worker hosting the current weights (spawned, so
 this process's torch never touches the server's), plays ``--games`` self-play
-games at once with batched MCTS through the client pool (Dirichlet noise at
-the root, visit-count temperature for the opening moves), trains the network
-on the last ``--window`` iterations' positions (cross-entropy to the visit
-distribution plus squared error to the final outcome, as in AlphaZero), and
-saves the weights. At the end the network plays MCTS with a uniform
-evaluator at equal simulations and the win rate is written to
-``bench/results/selfplay_training_<game>.json``. Seeded; a few minutes on 2 cores.
+games at once with batched MCTS through the client pool (the product's search:
+PUCT with Dirichlet root noise by default, Gumbel root noise with
+``--selection gumbel``; the search's policy for the opening moves), trains
+the network on the last ``--window`` iterations' positions (cross-entropy to the search's policy, the
+improved policy with Gumbel, plus squared error to the final outcome, as in
+AlphaZero), and saves the weights. ``--init`` continues from a checkpoint
+(default: the shipped one), ``--minutes`` caps the wall time.
+
+At the end the new network plays the starting one (``--init``) and MCTS
+with a uniform evaluator, both at equal simulations through a model server,
+and the training figures (games, simulations, positions, wall time, device,
+scores) are written to ``bench/results/selfplay_training_<game>.json``.
+Seeded; the strength against exact solutions is measured by
+``bench/bench_selfplay_strength.py --checkpoint-dir``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
 import sys
 import tempfile
@@ -34,7 +42,7 @@ from gpu_worker.models.selfplay_net import Connect4Net, DotsBoxes3x3Net  # noqa:
 from pi0_reward_server.client_pool import ClientPool  # noqa: E402
 from pi0_reward_server.policies import PoolPolicy  # noqa: E402
 from pi0_reward_server.kinds.selfplay.games import ConnectFour, make_game  # noqa: E402
-from pi0_reward_server.kinds.selfplay.mcts import MCTSConfig, UniformEvaluator  # noqa: E402
+from pi0_reward_server.kinds.selfplay.mcts import SELECTIONS, MCTSConfig, UniformEvaluator  # noqa: E402
 from pi0_reward_server.kinds.selfplay.play import Agent, PolicyEvaluator, match_score, play_games  # noqa: E402
 
 NETS = {"connect4": (Connect4Net, "connect4_6x7.pt"), "dots_boxes": (DotsBoxes3x3Net, "dots_boxes_3x3.pt")}
@@ -46,25 +54,28 @@ def mirror_connect4(game: ConnectFour, states: np.ndarray, policies: np.ndarray)
     return boards.reshape(len(states), -1).copy(), policies[:, ::-1].copy()
 
 
-def serve(net_cls, checkpoint: pathlib.Path, name: str):
+def serve(net_cls, checkpoints: dict[str, pathlib.Path], device: str):
+    """One model server hosting each named checkpoint of ``net_cls``, and a pool on it."""
     target = f"{net_cls.__module__}:{net_cls.__name__}"
-    config = ServerConfig(port=0, log_level="WARNING", models=(ModelConfig(name=name, target=target, checkpoint=str(checkpoint)),))
+    models = tuple(ModelConfig(name=name, target=target, checkpoint=str(path)) for name, path in checkpoints.items())
+    config = ServerConfig(port=0, device=device, log_level="WARNING", max_queue=65536, models=models)
     server = start_server_process(config)
-    pool = ClientPool([server.url], connections_per_server=1).start(wait_s=10)
+    pool = ClientPool([server.url], connections_per_server=1).start(wait_s=60)
     return server, pool
 
 
-def train_step(net, optimizer, states, policies, values, *, epochs: int, batch: int, rng) -> float:
+def train_step(net, optimizer, states, policies, values, *, epochs: int, batch: int, rng, device: str = "cpu") -> float:
     net.train()
     losses = []
     for _ in range(epochs):
         order = rng.permutation(len(states))
         for start in range(0, len(order), batch):
             idx = order[start : start + batch]
-            x = torch.from_numpy(states[idx])
+            x = torch.from_numpy(states[idx]).to(device)
             out = net({"observation/board": x})
-            policy_loss = -(torch.from_numpy(policies[idx]) * torch.log_softmax(out["policy_logits"], -1)).sum(-1).mean()
-            value_loss = ((out["value"] - torch.from_numpy(values[idx])) ** 2).mean()
+            target = torch.from_numpy(policies[idx]).to(device)
+            policy_loss = -(target * torch.log_softmax(out["policy_logits"], -1)).sum(-1).mean()
+            value_loss = ((out["value"] - torch.from_numpy(values[idx]).to(device)) ** 2).mean()
             loss = policy_loss + value_loss
             optimizer.zero_grad()
             loss.backward()
@@ -74,43 +85,109 @@ def train_step(net, optimizer, states, policies, values, *, epochs: int, batch: 
     return float(np.mean(losses))
 
 
+def shown(path: pathlib.Path | None) -> str | None:
+    """A checkpoint as the results name it: relative to the repository when inside it, else its file name."""
+    if path is None:
+        return None
+    path = path.resolve()
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else path.name
+
+
+def random_starts(game, count: int, max_plies: int, rng) -> list:
+    """Positions after 0..max_plies uniformly random moves (never terminal): self-play then also learns positions
+    that strong play never reaches, such as a reward request may ask about."""
+    starts = []
+    while len(starts) < count:
+        state = game.initial_state()
+        for _ in range(int(rng.integers(0, max_plies + 1))):
+            state = game.next_state(state, int(rng.choice(np.flatnonzero(game.legal_mask(state)))))
+            if game.terminal(state):
+                break
+        if not game.terminal(state):
+            starts.append(state)
+    return starts
+
+
+def match(game, ours: Agent, theirs: Agent, games: int, seed: int) -> dict:
+    """``games`` games, each side first in half of them; our score (a draw counts half)."""
+    seats = [(ours, theirs) if g % 2 == 0 else (theirs, ours) for g in range(games)]
+    results = play_games(game, seats, np.random.default_rng(seed), temperature_moves=2)
+    return match_score(results, [g % 2 for g in range(games)])
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--game", choices=sorted(NETS), required=True)
     parser.add_argument("--iterations", type=int, default=12)
+    parser.add_argument("--minutes", type=float, default=None, help="stop starting iterations after this wall time")
     parser.add_argument("--games", type=int, default=64, help="self-play games per iteration, all in flight at once")
     parser.add_argument("--simulations", type=int, default=48)
+    parser.add_argument("--selection", choices=SELECTIONS, default=MCTSConfig.selection)
     parser.add_argument("--temperature-moves", type=int, default=8)
+    parser.add_argument("--random-plies", type=int, default=0,
+                        help="start each self-play game after 0..N uniformly random moves (0: from the empty board)")
     parser.add_argument("--window", type=int, default=4, help="iterations of positions kept for training")
     parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--init", default=None, help="checkpoint to start from (default: the shipped one; 'none': scratch)")
+    parser.add_argument("--previous", default=None,
+                        help="the network the result is matched against (default: the --init weights)")
     parser.add_argument("--eval-games", type=int, default=64)
     parser.add_argument("--eval-simulations", type=int, default=64)
+    parser.add_argument("--device", default="cpu", help="where the model server and the training run (cpu, cuda)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None, help="checkpoint path (default: the shipped one)")
     parser.add_argument("--results", default=None, help="JSON summary (default: bench/results/selfplay_training_<game>.json)")
     args = parser.parse_args()
+    if args.random_plies < 0:
+        parser.error(f"--random-plies must be >= 0, got {args.random_plies}")
+    if args.iterations < 0:
+        parser.error(f"--iterations must be >= 0 (0: only evaluate --init against --previous), got {args.iterations}")
+    for name in ("games", "simulations", "window", "epochs", "eval_games", "eval_simulations"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.eval_games % 2:
+        parser.error(f"--eval-games must be even (each side moves first half the time), got {args.eval_games}")
 
     net_cls, filename = NETS[args.game]
-    out = pathlib.Path(args.out or ROOT / "gpu_worker" / "checkpoints" / filename)
+    shipped = ROOT / "gpu_worker" / "checkpoints" / filename
+    out = pathlib.Path(args.out or shipped)
+    init = None if args.init == "none" else pathlib.Path(args.init or shipped)
+    if init is not None and not init.is_file():
+        parser.error(f"--init: no checkpoint at {init}")
+    if args.previous is not None and not pathlib.Path(args.previous).is_file():
+        parser.error(f"--previous: no checkpoint at {args.previous}")
     game = make_game(args.game)
     torch.manual_seed(args.seed)
     torch.set_num_threads(1)
     rng = np.random.default_rng(args.seed)
     net = net_cls()
-    optimizer = torch.optim.Adam(net.parameters(), lr=2e-3, weight_decay=1e-4)
     work = pathlib.Path(tempfile.mkdtemp(prefix="selfplay-"))
+    previous = work / "previous.pt"
+    if init is not None:
+        net.load_state_dict(torch.load(init, map_location="cpu", weights_only=True))
+    if args.previous is not None:
+        previous.write_bytes(pathlib.Path(args.previous).read_bytes())
+    else:
+        torch.save(net.state_dict(), previous)
+    net.to(args.device)
+    optimizer = torch.optim.Adam(net.parameters(), lr=args.lr, weight_decay=1e-4)
     checkpoint = work / "current.pt"
     torch.save(net.state_dict(), checkpoint)
-    config = MCTSConfig(simulations=args.simulations, leaves_per_round=8)
+    config = MCTSConfig(simulations=args.simulations, leaves_per_round=8, selection=args.selection)
     buffer: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
     started = time.monotonic()
     history = []
+    games_played = positions_played = 0
     for iteration in range(args.iterations):
-        server, pool = serve(net_cls, checkpoint, args.game)
+        if args.minutes is not None and time.monotonic() - started > 60 * args.minutes:
+            break
+        server, pool = serve(net_cls, {args.game: checkpoint}, args.device)
         try:
             agent = Agent("mcts", PolicyEvaluator(PoolPolicy(pool, args.game)), config, noise=True)
+            starts = random_starts(game, args.games, args.random_plies, rng) if args.random_plies else None
             results = play_games(game, [(agent, agent)] * args.games, rng, temperature_moves=args.temperature_moves,
-                                 record=True)
+                                 record=True, starts=starts)
         finally:
             pool.close()
             server.stop()
@@ -118,44 +195,55 @@ def main() -> int:
         policies = np.stack([p for r in results for p in r.policies])
         values = np.array([(r.outcome if player == 0 else -r.outcome) for r in results for player in r.players],
                           dtype=np.float32)
+        games_played += len(results)
+        positions_played += len(states)
         if isinstance(game, ConnectFour):
             mirrored = mirror_connect4(game, states, policies)
             states, policies, values = (np.concatenate([states, mirrored[0]]), np.concatenate([policies, mirrored[1]]),
                                         np.concatenate([values, values]))
         buffer = (buffer + [(states, policies, values)])[-args.window :]
         data = [np.concatenate(parts) for parts in zip(*buffer)]
-        loss = train_step(net, optimizer, *data, epochs=args.epochs, batch=256, rng=rng)
+        loss = train_step(net, optimizer, *data, epochs=args.epochs, batch=256, rng=rng, device=args.device)
         torch.save(net.state_dict(), checkpoint)
         outcomes = [r.outcome for r in results]
         history.append({"iteration": iteration, "positions": len(data[0]), "loss": loss,
-                        "first_player_wins": sum(o > 0 for o in outcomes), "draws": sum(o == 0 for o in outcomes)})
+                        "first_player_wins": sum(o > 0 for o in outcomes), "draws": sum(o == 0 for o in outcomes),
+                        "seconds": round(time.monotonic() - started, 1)})
         print(f"iter {iteration:2d}  positions {len(data[0]):6d}  loss {loss:.3f}  "
               f"p0 wins {history[-1]['first_player_wins']:3d}/{args.games}  {time.monotonic() - started:6.1f}s", flush=True)
     train_seconds = time.monotonic() - started
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(net.state_dict(), out)
-    # Evaluate through a model server hosting the final weights: network MCTS vs uniform MCTS, equal simulations.
-    server, pool = serve(net_cls, out, args.game)
+    torch.save({k: v.cpu() for k, v in net.state_dict().items()}, out)
+    # Evaluate through one model server hosting the new and the starting weights, at equal simulations.
+    server, pool = serve(net_cls, {"new": out, "previous": previous}, args.device)
     try:
-        eval_config = MCTSConfig(simulations=args.eval_simulations, leaves_per_round=8)
-        ours = Agent("mcts", PolicyEvaluator(PoolPolicy(pool, args.game)), eval_config)
-        baseline = Agent("mcts", UniformEvaluator(), eval_config)
-        seats = [(ours, baseline) if g % 2 == 0 else (baseline, ours) for g in range(args.eval_games)]
-        results = play_games(game, seats, np.random.default_rng(12345), temperature_moves=2)
-        score = match_score(results, [g % 2 for g in range(args.eval_games)])
+        eval_config = MCTSConfig(simulations=args.eval_simulations, leaves_per_round=8, selection=args.selection)
+        ours = Agent("mcts", PolicyEvaluator(PoolPolicy(pool, "new")), eval_config)
+        before = Agent("mcts", PolicyEvaluator(PoolPolicy(pool, "previous")), eval_config)
+        uniform = Agent("mcts", UniformEvaluator(), eval_config)
+        vs_previous = match(game, ours, before, args.eval_games, 12345)
+        vs_uniform = match(game, ours, uniform, args.eval_games, 12345)
     finally:
         pool.close()
         server.stop()
-    summary = {"game": game.name, "checkpoint": out.name, "train_seconds": round(train_seconds, 1),
-               "iterations": args.iterations, "games_per_iteration": args.games, "simulations": args.simulations,
-               "eval": {"opponent": "MCTS, uniform evaluator", "simulations": args.eval_simulations,
-                        "games": args.eval_games, **score}, "history": history}
+    summary = {"game": game.name, "checkpoint": out.name, "bytes": out.stat().st_size,
+               "init": shown(init), "previous": shown(pathlib.Path(args.previous) if args.previous else init),
+               "device": args.device,
+               "cpu_cores": os.cpu_count(), "train_seconds": round(train_seconds, 1),
+               "iterations": len(history), "games_per_iteration": args.games, "games": games_played,
+               "positions": positions_played, "simulations": args.simulations, "selection": args.selection,
+               "lr": args.lr, "epochs": args.epochs, "window": args.window, "random_plies": args.random_plies,
+               "eval": {"simulations": args.eval_simulations, "games": args.eval_games,
+                        "vs_previous": vs_previous, "vs_uniform_mcts": vs_uniform},
+               "history": history}
     result_path = pathlib.Path(args.results or ROOT / "bench" / "results" / f"selfplay_training_{args.game}.json")
+    result_path.parent.mkdir(parents=True, exist_ok=True)
     result_path.write_text(json.dumps(summary, indent=2) + "\n")
-    print(f"wrote {out} ({out.stat().st_size} bytes) after {train_seconds:.0f}s of training")
-    print(f"vs uniform MCTS at {args.eval_simulations} simulations: score {score['score']:.3f} "
-          f"({score['wins']}W {score['draws']}D {score['losses']}L)")
+    print(f"wrote {out} ({out.stat().st_size} bytes) after {train_seconds:.0f}s of training, {games_played} games")
+    for label, score in (("the starting network", vs_previous), ("uniform MCTS", vs_uniform)):
+        print(f"vs {label} at {args.eval_simulations} simulations: score {score['score']:.3f} "
+              f"({score['wins']}W {score['draws']}D {score['losses']}L)")
     return 0
 
 

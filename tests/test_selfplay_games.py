@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from pi0_reward_server.kinds.selfplay.games import C4State, ConnectFour, DotsAndBoxes, make_game
-from pi0_reward_server.kinds.selfplay.mcts import MCTSConfig, UniformEvaluator, search
+from pi0_reward_server.kinds.selfplay.mcts import MCTSConfig, UniformEvaluator, search, search_roots
 
 
 def play(game, moves, state=None):
@@ -89,9 +89,11 @@ def test_encoding_is_from_the_movers_view():
 
 
 # -- MCTS --------------------------------------------------------------------------------------------
+PUCT = dict(selection="puct", solver=False, decisive=False, fpu_reduction=None)  # textbook AlphaZero PUCT
+
+
 def best_moves(game, state, config):
-    visits = search(game, [state], UniformEvaluator(), config, np.random.default_rng(0), add_noise=False)[0]
-    return int(np.argmax(visits))
+    return search_roots(game, [state], UniformEvaluator(), config, np.random.default_rng(0), add_noise=False)[0].action
 
 
 def test_mcts_takes_an_immediate_win():
@@ -172,7 +174,7 @@ def test_virtual_loss_batches_spread_over_different_leaves():
             return super().evaluate(observations, legal)
 
     states = [game.initial_state()] * 3
-    visits = search(game, states, Counting(), MCTSConfig(simulations=16, leaves_per_round=8),
+    visits = search(game, states, Counting(), MCTSConfig(simulations=16, leaves_per_round=8, **PUCT),
                     np.random.default_rng(0), add_noise=False)
     assert calls[0] == 3  # the three roots, in one call
     # Round 1: 8 selections per tree reach its 7 distinct children (the 8th would repeat one): 21 leaves.
@@ -188,3 +190,16 @@ def test_every_requested_simulation_is_run_even_with_wide_rounds(game_name, leav
     config = MCTSConfig(simulations=leaves, leaves_per_round=leaves)
     visits = search(game, [game.initial_state()], UniformEvaluator(), config, np.random.default_rng(0), add_noise=False)
     assert visits[0].sum() == leaves
+
+
+def test_games_can_start_from_given_positions():
+    from pi0_reward_server.kinds.selfplay.play import Agent, play_games
+
+    game = ConnectFour()
+    start = play(game, [0, 6, 1, 6, 2, 5])  # player 0 wins at once in column 3
+    agent = Agent("mcts", UniformEvaluator(), MCTSConfig(simulations=16))
+    results = play_games(game, [(agent, agent)] * 2, np.random.default_rng(0), starts=[start, game.initial_state()])
+    assert results[0].moves == [3] and results[0].outcome == 1.0
+    assert len(results[1].moves) > 1
+    with pytest.raises(ValueError, match="starts has 1 states for 2 games"):
+        play_games(game, [(agent, agent)] * 2, np.random.default_rng(0), starts=[start])

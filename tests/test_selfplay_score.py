@@ -130,3 +130,36 @@ def test_a_large_round_is_split_into_frames_a_server_accepts():
     legal = np.ones((1100, 7), bool)
     priors, values = evaluator.evaluate(np.zeros((1100, 84), np.float32), legal)
     assert sizes == [512, 512, 76] and priors.shape == (1100, 7) and np.allclose(values, 0.25)
+
+
+def one_line_left_and_lost(game):
+    """A seeded Dots and Boxes position with one line left whose drawing still loses for the player to move."""
+    rng = np.random.default_rng(0)
+    while True:
+        state = game.initial_state()
+        while int(game.legal_mask(state).sum()) > 1:
+            state = game.next_state(state, int(rng.choice(np.flatnonzero(game.legal_mask(state)))))
+        if game.terminal(state):
+            continue
+        last = game.next_state(state, int(np.flatnonzero(game.legal_mask(state))[0]))
+        if game.outcome(last) == (-1.0 if state.to_play == 0 else 1.0):
+            return state
+
+
+@pytest.mark.parametrize("selection", ["puct", "gumbel"])
+def test_a_root_proven_lost_at_expansion_still_gets_a_policy(start_server, selection):
+    """The look-ahead proves such a root lost before any simulation: its policy (sampled from in the opening
+    moves, recorded as a training target) is uniform over the legal moves, never all zero."""
+    game = make_game("dots_boxes")
+    start = one_line_left_and_lost(game)
+    server = start_server(models=nets(), log_level="WARNING")
+    with ClientPool([server.url]).start(wait_s=10) as pool:
+        agent = Agent("mcts", PolicyEvaluator(PoolPolicy(pool, "dots_boxes_3x3")),
+                      MCTSConfig(simulations=16, selection=selection), noise=True)
+        results = play_games(game, [(agent, agent)], np.random.default_rng(0), temperature_moves=1000, record=True,
+                             starts=[start])
+    result = results[0]
+    assert result.moves == [int(np.flatnonzero(game.legal_mask(start))[0])]
+    assert result.outcome == (-1.0 if start.to_play == 0 else 1.0)
+    [policy] = result.policies
+    assert np.allclose(policy, game.legal_mask(start) / game.legal_mask(start).sum())

@@ -31,6 +31,7 @@ class Game(Protocol):
     def terminal(self, state) -> bool: ...
     def outcome(self, state) -> float: ...
     def encode(self, state) -> np.ndarray: ...
+    def may_end_next(self, state) -> bool: ...
 
 
 # -- Connect Four --------------------------------------------------------------------------------
@@ -90,6 +91,10 @@ class ConnectFour:
 
     def outcome(self, state: C4State) -> float:
         return 0.0 if state.winner < 0 else (1.0 if state.winner == 0 else -1.0)
+
+    def may_end_next(self, state: C4State) -> bool:
+        """Whether some move could end the game: the mover has connect - 1 pieces down, or one cell is left."""
+        return state.moves >= 2 * (self.connect - 1) or state.moves == self.rows * self.cols - 1
 
     def encode(self, state: C4State) -> np.ndarray:
         mine = state.board == state.to_play + 1
@@ -160,6 +165,9 @@ class DotsAndBoxes:
 
     def outcome(self, state: DBState) -> float:
         return float(np.sign(state.scores[0] - state.scores[1]))
+
+    def may_end_next(self, state: DBState) -> bool:
+        return int((~state.edges).sum()) == 1
 
     def encode(self, state: DBState) -> np.ndarray:
         mine = (state.owners == state.to_play + 1).ravel()

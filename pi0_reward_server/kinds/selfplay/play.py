@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from pi0_reward_server.kinds.selfplay.games import Game
-from pi0_reward_server.kinds.selfplay.mcts import Evaluator, MCTSConfig, choose_action, masked_softmax, search
+from pi0_reward_server.kinds.selfplay.mcts import Evaluator, MCTSConfig, masked_softmax, search_roots
 
 
 class PolicyEvaluator:
@@ -74,7 +74,7 @@ class GameResult:
     outcome: float  # +1 / -1 / 0 from player 0's view
     moves: list[int]
     states: list[np.ndarray] = dataclasses.field(default_factory=list)  # encodings, when recorded
-    policies: list[np.ndarray] = dataclasses.field(default_factory=list)  # normalised visit counts
+    policies: list[np.ndarray] = dataclasses.field(default_factory=list)  # the search's policy targets
     players: list[int] = dataclasses.field(default_factory=list)  # who was to move
 
 
@@ -87,18 +87,24 @@ def play_games(
     record: bool = False,
     max_moves: int = 10_000,
     on_game_over=None,
+    starts: list | None = None,
 ) -> list[GameResult]:
     """Play ``len(seats)`` games; game g has ``seats[g][0]`` as player 0 and ``seats[g][1]`` as player 1.
 
-    The first ``temperature_moves`` moves of each game are sampled in
-    proportion to visit counts (temperature 1), later ones are the most visited.
+    The first ``temperature_moves`` moves of each game are sampled from the
+    search's policy (the visit distribution for PUCT, the improved policy for
+    Gumbel; temperature 1), later ones are the search's own choice. Recorded
+    policies are the same search policies: the training targets. ``starts``
+    (one state per game) begins games elsewhere than the initial position.
     """
     agents: list[Agent] = []
     for pair in seats:
         for agent in pair:
             if all(agent is not a for a in agents):
                 agents.append(agent)
-    states = [game.initial_state() for _ in seats]
+    if starts is not None and len(starts) != len(seats):
+        raise ValueError(f"starts has {len(starts)} states for {len(seats)} games")
+    states = list(starts) if starts is not None else [game.initial_state() for _ in seats]
     results = [GameResult(0.0, []) for _ in seats]
     live = [g for g in range(len(seats)) if not game.terminal(states[g])]
     while live:
@@ -111,13 +117,16 @@ def play_games(
                 for g in movers:
                     actions[g] = int(rng.choice(np.flatnonzero(game.legal_mask(states[g]))))
                 continue
-            visits = search(game, [states[g] for g in movers], agent.evaluator, agent.config, rng, add_noise=agent.noise)
-            for g, n in zip(movers, visits):
-                temperature = 1.0 if len(results[g].moves) < temperature_moves else 0.0
-                actions[g] = choose_action(n, rng, temperature=temperature)
+            searched = search_roots(game, [states[g] for g in movers], agent.evaluator, agent.config, rng,
+                                    add_noise=agent.noise)
+            for g, result in zip(movers, searched):
+                if len(results[g].moves) < temperature_moves:
+                    actions[g] = int(rng.choice(len(result.policy), p=result.policy))
+                else:
+                    actions[g] = result.action
                 if record:
                     results[g].states.append(game.encode(states[g]))
-                    results[g].policies.append((n / n.sum()).astype(np.float32))
+                    results[g].policies.append(result.policy.astype(np.float32))
                     results[g].players.append(states[g].to_play)
         for g in live:
             states[g] = game.next_state(states[g], actions[g])
@@ -146,8 +155,8 @@ def encode_records(results: list[GameResult], max_positions: int) -> dict[str, A
     """Training records in a compact form: base64 of little-endian arrays.
 
     ``states``: float16 (P, obs_dim) encodings from the mover's view;
-    ``policies``: float16 (P, A) visit distributions; ``values``: int8 (P,)
-    final outcome from the mover's view (+1 win, 0 draw, -1 loss). At most
+    ``policies``: float16 (P, A) the search's policies (``SearchResult.policy``);
+    ``values``: int8 (P,) final outcome from the mover's view (+1 win, 0 draw, -1 loss). At most
     ``max_positions`` positions, whole games first; ``truncated`` says if
     any were left out.
     """
