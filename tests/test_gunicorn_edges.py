@@ -44,9 +44,16 @@ class Gunicorn:
             match = re.search(r"Listening at: http://127\.0\.0\.1:(\d+)", self.logs())
             self.port = int(match.group(1)) if match else None
             time.sleep(0.1)
-        while self.request("GET", "/health")[0] != 200:
+        # Every worker has its own pool, up on its own time: wait until each one has answered /health with
+        # 200 (answers name their worker), or a first request may reach a worker whose pool is not up yet.
+        workers, ready = int(env.get("GUNICORN_WORKERS", "1")), set()
+        while len(ready) < workers:
             assert time.monotonic() < deadline, self.logs()
-            time.sleep(0.1)
+            status, headers, _ = self.request("GET", "/health")
+            if status == 200:
+                ready.add(headers.get("X-Reward-Worker"))
+            else:
+                time.sleep(0.1)
 
     def logs(self) -> str:
         return "".join(p.read_text(errors="replace") for p in (self.log_path, self.access_log, self.error_log)
