@@ -1,19 +1,21 @@
 """The WebSocket transport: openpi's wire protocol over a dynamic batcher.
 
-The event loop only moves bytes. Large frames are decoded and large replies
-encoded on a small thread pool, and inference runs on each model's batcher
-thread (:mod:`gpu_worker.batching`), so no connection can stall another; a
-batch's answers come back to the loop in one wake-up. The one exception: a
-lone request (no other connection active) to a model whose forward passes
-take under 2 ms runs inline on the loop, where there is nothing to batch it
-with and nobody else to stall.
+Requests are answered from the protocol callback (:class:`_Connection`): a whole
+data message is decoded (large frames on a small thread pool), then queued on
+its model's batcher thread (:mod:`gpu_worker.batching`), whose answers come back
+to the loop in one wake-up per batch, and each reply is written as soon as it and
+every earlier reply of its connection are ready. The one exception: a lone small
+request (no other connection active) to a model whose forward passes take under
+2 ms runs inline on the loop, where there is nothing to batch it with and nobody
+else to stall.
 
 Besides WebSocket connections the port answers ``GET /healthz``, ``GET /status``
 (versions), ``GET /metrics`` (Prometheus) and admin calls on ``/admin`` (hot reload).
 
-Per connection, after the metadata frame: one request frame in, one reply
-frame out (lock-step). A request error is answered with a text frame holding
-the message, and the connection stays usable.
+Per connection, after the metadata frame: one reply frame per request frame, in
+request order (clients may pipeline; reading pauses at 16 unanswered). A request
+error is answered with a text frame holding the message, and the connection stays
+usable.
 """
 
 from __future__ import annotations
