@@ -20,6 +20,9 @@ Measures, in one run so the ratios are side by side:
 openpi-style server, LitServe (the batching server users would otherwise pick; best of a 0 and a
 2 ms batch timeout; needs ``pip install litserve``) and the direct forward at batch N, each server
 pinned to one CPU and the load generator to another, with each server's CPU time per request.
+It also measures the floor under any websockets server in Python (``serial_server.py --echo``: one
+fixed reply per request, nothing decoded, no model) and from it the ceiling, the most such a server
+could serve on that core: 1 / (1 / direct forward rate + the floor's CPU per request).
 It writes ``bench/results/gpu_worker_side_by_side_<device>.json``.
 
 Servers run in their own processes; the load comes from this one.
@@ -262,10 +265,10 @@ def stall(url: str, n: int, senders: int, frame_rows: int) -> dict:
 
 
 def start_serial(model: str, device: str = "cpu", options: dict | None = None,
-                 env: dict | None = None) -> tuple[subprocess.Popen, str]:
+                 env: dict | None = None, echo: bool = False) -> tuple[subprocess.Popen, str]:
     proc = subprocess.Popen(
         [sys.executable, str(ROOT / "bench" / "serial_server.py"), "--model", model, "--port", "0", "--device", device,
-         "--options", json.dumps(options or {})],
+         "--options", json.dumps(options or {}), *(["--echo"] if echo else [])],
         stdout=subprocess.PIPE, text=True, env={**os.environ, **env} if env else None,
     )
     match, line = None, ""
@@ -346,15 +349,20 @@ def side_by_side(args, levels: list[int]) -> dict:
                                                       lambda: load(server.url, compute_obs(), c, args.duration))
         finally:
             server.stop()
-        serial, url = start_serial(f"compute={model.target}", args.device, model.options, env=env)
-        if server_cpus:
-            os.sched_setaffinity(serial.pid, server_cpus)
-        try:
-            for c in levels:
-                rows[str(c)]["serial"] = measured(serial.pid, lambda: load(url, compute_obs(), c, args.duration))
-        finally:
-            serial.terminate()
-            serial.wait(10)
+        for column, echo in (("serial", False), ("websockets_floor", True)):
+            serial, url = start_serial(f"compute={model.target}", args.device, model.options, env=env, echo=echo)
+            if server_cpus:
+                os.sched_setaffinity(serial.pid, server_cpus)
+            try:
+                for c in levels:
+                    rows[str(c)][column] = measured(serial.pid, lambda: load(url, compute_obs(), c, args.duration))
+            finally:
+                serial.terminate()
+                serial.wait(10)
+        for c in levels:
+            # The most any websockets server could serve on this core: the forward at batch N plus the floor.
+            floor_us = rows[str(c)]["websockets_floor"]["server_cpu_us_per_request"]
+            rows[str(c)]["ceiling_rps"] = 1e6 / (1e6 / rows[str(c)]["direct_batched_rps"] + floor_us)
         for timeout in litserve_timeouts:
             proc, url = start_litserve(model.target, model.options, args.device, timeout, server_cpus)
             try:
@@ -394,7 +402,7 @@ def print_side_by_side(r: dict) -> None:
     for name, entry in r["side_by_side"].items():
         print(f"\n  {name} MLP 64-{entry['width']}" + f"-{entry['width']}" * (entry["depth"] - 1) + "-8")
         print("  clients | gpu_worker              | serial openpi-style     | LitServe (best timeout)  "
-              "| direct at batch N | gw/serial | gw/direct")
+              "| websockets floor        | direct at batch N | gw/serial | gw/direct | ceiling | gw/ceiling")
         for c, row in entry["throughput"].items():
             def cell(key: str) -> str:
                 f = row.get(key)
@@ -403,10 +411,16 @@ def print_side_by_side(r: dict) -> None:
                 return (f"{f['requests_per_s']:7.0f} ({f['p50_ms']:5.2f}) "
                         f"[{f['server_cpu_us_per_request']:4.0f}]")
             g, s = row["gpu_worker"], row["serial"]
+            ceiling = row.get("ceiling_rps")
             print(f"  {c:>7} | {cell('gpu_worker')} | {cell('serial')} | {cell('litserve')}  "
+                  f"| {cell('websockets_floor')} "
                   f"| {row['direct_batched_rps']:17.0f} | {g['requests_per_s'] / s['requests_per_s']:8.2f}x "
-                  f"| {g['requests_per_s'] / row['direct_batched_rps']:8.2f}x")
+                  f"| {g['requests_per_s'] / row['direct_batched_rps']:8.2f}x "
+                  + (f"| {ceiling:7.0f} | {g['requests_per_s'] / ceiling:9.2f}x" if ceiling else "|       - |         -"))
     print(f"\n  goals: {GOALS}")
+    print("  websockets floor: a server that answers each request with one fixed frame, without decoding it or "
+          "running the model;\n  ceiling: 1 / (1 / direct + the floor's CPU per request), the most a websockets "
+          "server on this core could serve")
 
 
 def device_name(device: str) -> str:
