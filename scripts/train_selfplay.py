@@ -10,7 +10,8 @@ PUCT with Dirichlet root noise by default, Gumbel root noise with
 ``--selection gumbel``; the search's policy for the opening moves), trains
 the network on the last ``--window`` iterations' positions (cross-entropy to the search's policy, the
 improved policy with Gumbel, plus squared error to the final outcome, as in
-AlphaZero), and saves the weights. ``--init`` continues from a checkpoint
+AlphaZero, or with ``--value-target mixed`` to the mean of the outcome and the
+search's root value), and saves the weights. ``--init`` continues from a checkpoint
 (default: the shipped one), ``--minutes`` caps the wall time.
 
 At the end the new network plays the starting one (``--init``) and MCTS
@@ -46,6 +47,18 @@ from pi0_reward_server.kinds.selfplay.mcts import SELECTIONS, MCTSConfig, Unifor
 from pi0_reward_server.kinds.selfplay.play import Agent, PolicyEvaluator, match_score, play_games  # noqa: E402
 
 NETS = {"connect4": (Connect4Net, "connect4_6x7.pt"), "dots_boxes": (DotsBoxes3x3Net, "dots_boxes_3x3.pt")}
+VALUE_TARGETS = ("outcome", "mixed")
+
+
+def value_targets(results, kind: str) -> np.ndarray:
+    """Each recorded position's value target, from its mover's view: the game's outcome, or (``mixed``) the
+    outcome and the search's value of the position averaged."""
+    outcome = np.array([(r.outcome if player == 0 else -r.outcome) for r in results for player in r.players],
+                       dtype=np.float32)
+    if kind == "outcome":
+        return outcome
+    searched = np.array([v for r in results for v in r.values], dtype=np.float32)
+    return (outcome + searched) / 2
 
 
 def mirror_connect4(game: ConnectFour, states: np.ndarray, policies: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -126,6 +139,9 @@ def main() -> int:
     parser.add_argument("--temperature-moves", type=int, default=8)
     parser.add_argument("--random-plies", type=int, default=0,
                         help="start each self-play game after 0..N uniformly random moves (0: from the empty board)")
+    parser.add_argument("--value-target", choices=VALUE_TARGETS, default="outcome",
+                        help="outcome: the game's result (AlphaZero); mixed: its mean with the search's root value "
+                             "(exact where the search proved the root), less noisy")
     parser.add_argument("--window", type=int, default=4, help="iterations of positions kept for training")
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--lr", type=float, default=2e-3)
@@ -193,8 +209,7 @@ def main() -> int:
             server.stop()
         states = np.stack([s for r in results for s in r.states])
         policies = np.stack([p for r in results for p in r.policies])
-        values = np.array([(r.outcome if player == 0 else -r.outcome) for r in results for player in r.players],
-                          dtype=np.float32)
+        values = value_targets(results, args.value_target)
         games_played += len(results)
         positions_played += len(states)
         if isinstance(game, ConnectFour):
@@ -234,6 +249,7 @@ def main() -> int:
                "iterations": len(history), "games_per_iteration": args.games, "games": games_played,
                "positions": positions_played, "simulations": args.simulations, "selection": args.selection,
                "lr": args.lr, "epochs": args.epochs, "window": args.window, "random_plies": args.random_plies,
+               "value_target": args.value_target,
                "eval": {"simulations": args.eval_simulations, "games": args.eval_games,
                         "vs_previous": vs_previous, "vs_uniform_mcts": vs_uniform},
                "history": history}

@@ -113,8 +113,20 @@ def test_an_immediate_win_proves_the_root_at_once():
     state = play_moves(game, [0, 6, 1, 6, 2, 5])  # player 0 has 0, 1, 2 on the bottom row
     result = search_roots(game, [state], UniformEvaluator(), MCTSConfig(simulations=64), np.random.default_rng(0),
                           add_noise=True)[0]
-    assert result.action == 3 and result.proven == 1.0
+    assert result.action == 3 and result.proven == 1.0 and result.value == 1.0
     assert result.policy[3] == 1.0
+
+
+def test_the_search_value_is_the_roots_backed_up_mean_for_its_mover():
+    """A root facing an immediate threat, 8 simulations: the evaluator says 0 everywhere, but the moves other
+    than the block lose at once (-1 for the mover each), so the mean of the root's own value and its 8 backed-up
+    values is negative, and above -1 since the block does not lose."""
+    game = ConnectFour()
+    state = play_moves(game, [6, 0, 6, 1, 5, 2])
+    result = search_roots(game, [state], UniformEvaluator(), MCTSConfig(simulations=8), np.random.default_rng(0),
+                          add_noise=False)[0]
+    assert result.proven is None and result.visits.sum() == 8
+    assert -1.0 < result.value < 0.0
 
 
 def test_a_forced_block_is_found_and_other_moves_proven_lost():
@@ -245,10 +257,12 @@ def test_strength_benchmark_and_training_script_run(tmp_path):
     summary_path, checkpoint = tmp_path / "training.json", tmp_path / "net.pt"
     subprocess.run([sys.executable, str(root / "scripts" / "train_selfplay.py"), "--game", "dots_boxes",
                     "--iterations", "1", "--games", "2", "--simulations", "4", "--random-plies", "6",
+                    "--value-target", "mixed",
                     "--eval-games", "2", "--eval-simulations", "4", "--out", str(checkpoint),
                     "--results", str(summary_path)], check=True, env=env, cwd=root, capture_output=True, timeout=240)
     summary = json.loads(summary_path.read_text())
     assert summary["games"] == 2 and summary["iterations"] == 1 and checkpoint.is_file()
+    assert summary["value_target"] == "mixed"
     assert summary["previous"] == "gpu_worker/checkpoints/dots_boxes_3x3.pt"
     assert summary["eval"]["vs_previous"]["wins"] + summary["eval"]["vs_previous"]["draws"] + \
         summary["eval"]["vs_previous"]["losses"] == 2
@@ -261,10 +275,27 @@ def test_training_script_refuses_bad_flags(tmp_path):
     root = pathlib.Path(__file__).resolve().parents[1]
     for flags, message in ((["--eval-games", "3"], "--eval-games must be even"),
                            (["--random-plies", "-1"], "--random-plies must be >= 0"),
-                           (["--init", str(tmp_path / "missing.pt")], "--init: no checkpoint at")):
+                           (["--init", str(tmp_path / "missing.pt")], "--init: no checkpoint at"),
+                           (["--value-target", "search"], "--value-target: invalid choice")):
         result = subprocess.run([sys.executable, str(root / "scripts" / "train_selfplay.py"), "--game", "connect4",
                                  *flags], cwd=root, capture_output=True, text=True, timeout=60)
         assert result.returncode == 2 and message in result.stderr, result.stderr
+
+
+def test_value_targets_are_the_outcome_or_its_mean_with_the_search_value():
+    import importlib.util
+    import pathlib
+
+    from pi0_reward_server.kinds.selfplay.play import GameResult
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "train_selfplay.py"
+    spec = importlib.util.spec_from_file_location("train_selfplay", path)
+    train = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train)
+    results = [GameResult(1.0, [0, 1, 2], players=[0, 1, 0], values=[0.5, -1.0, 0.0]),
+               GameResult(0.0, [3], players=[1], values=[0.25])]
+    assert train.value_targets(results, "outcome").tolist() == [1.0, -1.0, 1.0, 0.0]
+    assert train.value_targets(results, "mixed").tolist() == [0.75, -1.0, 0.5, 0.125]
 
 
 # -- the optional BitBully install ----------------------------------------------------------------------------

@@ -118,12 +118,15 @@ class SearchResult:
     """One root's search. ``visits`` (A,); ``policy`` (A,) the training target (visit distribution for PUCT,
     the improved policy for Gumbel, either without the moves proven lost; uniform over the proven-best moves for
     a root proven won or drawn, over all legal moves for a root proven lost); ``action`` the search's move;
-    ``proven`` the root's exact value for its player to move, or None."""
+    ``proven`` the root's exact value for its player to move, or None; ``value`` the search's value of the root
+    for its player to move: ``proven`` where known, else the network's value of the root averaged with every
+    simulation's backed-up value (a training target with less noise than the game's outcome)."""
 
     visits: np.ndarray
     policy: np.ndarray
     action: int
     proven: float | None
+    value: float = 0.0
 
 
 class Node:
@@ -187,6 +190,14 @@ class Node:
         return self.proven is not None
 
     # -- values ---------------------------------------------------------------------------------------------
+    def search_value(self) -> float:
+        """The root's value for its player to move: proven, or the raw value and the backed-up values averaged."""
+        if self.proven is not None:
+            return float(self.proven)
+        if self.N is None:
+            return float(self.raw_value)
+        return float((self.raw_value + self.W.sum()) / (1.0 + self.total))
+
     def q(self) -> np.ndarray:
         return np.divide(self.W, self.N, out=np.zeros_like(self.W), where=self.N > 0)
 
@@ -324,7 +335,7 @@ class _Root:
             best = node.legal & (node.child_proven == node.proven)
             policy = best / best.sum()
             action = int(np.argmax(np.where(best, visits + node.P, -np.inf)))
-            return SearchResult(visits, policy.astype(np.float64), action, node.proven)
+            return SearchResult(visits, policy.astype(np.float64), action, node.proven, node.search_value())
         forbidden = node._forbidden(config.solver)
         if config.selection == "gumbel":
             policy = node.improved_policy(config)
@@ -335,7 +346,7 @@ class _Root:
         else:
             policy = visits.copy()
             action = int(np.argmax(np.where(forbidden, -np.inf, visits)))
-        return SearchResult(visits, _target(policy, node, forbidden), action, node.proven)
+        return SearchResult(visits, _target(policy, node, forbidden), action, node.proven, node.search_value())
 
 
 def _target(policy: np.ndarray, node: Node, forbidden: np.ndarray) -> np.ndarray:

@@ -76,6 +76,7 @@ class GameResult:
     states: list[np.ndarray] = dataclasses.field(default_factory=list)  # encodings, when recorded
     policies: list[np.ndarray] = dataclasses.field(default_factory=list)  # the search's policy targets
     players: list[int] = dataclasses.field(default_factory=list)  # who was to move
+    values: list[float] = dataclasses.field(default_factory=list)  # the search's root value, for the mover
 
 
 def play_games(
@@ -128,6 +129,7 @@ def play_games(
                     results[g].states.append(game.encode(states[g]))
                     results[g].policies.append(result.policy.astype(np.float32))
                     results[g].players.append(states[g].to_play)
+                    results[g].values.append(result.value)
         for g in live:
             states[g] = game.next_state(states[g], actions[g])
             results[g].moves.append(actions[g])
