@@ -25,6 +25,11 @@ fixed reply per request, nothing decoded, no model) and from it the ceiling, the
 could serve on that core: 1 / (1 / direct forward rate + the floor's CPU per request).
 It writes ``bench/results/gpu_worker_side_by_side_<device>.json``.
 
+``--batch-wait 0:0,5:0.3,5:0`` compares batching settings (``max_wait_ms:batch_gap_ms``) instead, pinned
+the same way, settings alternating over ``--rounds``: lock-step clients at each ``--clients`` level and 8
+clients arriving at random (exponential think time, mean 2 ms), with throughput, mean batch and latency
+(``bench/results/gpu_worker_batch_wait_<device>.json``).
+
 Servers run in their own processes; the load comes from this one.
 Prints a table and writes JSON.
 """
@@ -155,6 +160,74 @@ def load(url: str, obs: dict, clients: int, duration: float) -> dict:
         }
 
     return asyncio.run(run())
+
+
+def random_load(url: str, obs: dict, clients: int, duration: float, think_s: float) -> dict:
+    """Like :func:`load`, but each client waits a random time (exponential, mean ``think_s``) before each
+    request: callers that arrive at random, as independent robots or users do, rather than in lock-step."""
+    import random
+
+    frame = wire.packb(obs)
+
+    async def run() -> dict:
+        connections = [await connect(url, compression=None, max_size=None) for _ in range(clients)]
+        for ws in connections:
+            await ws.recv()
+            await ws.send(frame)
+            await ws.recv()
+        latencies: list[float] = []
+        stop_at = time.perf_counter() + duration
+
+        async def worker(ws, rng: random.Random) -> None:
+            while time.perf_counter() < stop_at:
+                await asyncio.sleep(rng.expovariate(1 / think_s))
+                t0 = time.perf_counter()
+                await ws.send(frame)
+                await ws.recv()
+                latencies.append((time.perf_counter() - t0) * 1000)
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker(ws, random.Random(i)) for i, ws in enumerate(connections)))
+        elapsed = time.perf_counter() - started
+        for ws in connections:
+            await ws.close()
+        return {"requests_per_s": len(latencies) / elapsed, "p50_ms": pct(latencies, 50),
+                "p99_ms": pct(latencies, 99)}
+
+    return asyncio.run(run())
+
+
+def batch_wait(args, levels: list[int], settings: list[tuple[float, float]]) -> dict:
+    """Throughput and batch size per batching setting (max_wait_ms:batch_gap_ms), lock-step clients and
+    clients arriving at random, the settings alternating round by round; server and load pinned as in
+    --side-by-side."""
+    os.sched_setaffinity(0, {args.load_cpu})
+    out: dict = {}
+    try:
+        for round_ in range(args.rounds):
+            for name in args.models.split(","):
+                width, depth = MODELS[name]
+                model = ModelConfig(name="compute", target="gpu_worker.models.compute_mlp:ComputeMLP",
+                                    options={"width": width, "depth": depth})
+                for wait, gap in settings:
+                    server = start_server_process(ServerConfig(port=0, device=args.device, models=(model,),
+                                                               log_level="WARNING", max_wait_ms=wait,
+                                                               batch_gap_ms=gap), env={"OMP_NUM_THREADS": "1"})
+                    os.sched_setaffinity(server.process.pid, {args.server_cpu})
+                    try:
+                        row = {str(c): load(server.url, compute_obs(), c, args.duration) for c in levels}
+                        row["random_8"] = random_load(server.url, compute_obs(), 8, args.duration, 0.002)
+                    finally:
+                        server.stop()
+                    key = f"{wait:g}:{gap:g}"
+                    out.setdefault(name, {}).setdefault(key, []).append(row)
+                    print(f"  round {round_} {name:5s} max_wait_ms:batch_gap_ms {key:>7s}  " + "  ".join(
+                        f"{c}: {row[str(c)]['requests_per_s']:6.0f} ({row[str(c)]['mean_batch']:4.1f})" for c in levels)
+                        + f"  random 8: p50 {row['random_8']['p50_ms']:.2f} p99 {row['random_8']['p99_ms']:.2f} ms",
+                        flush=True)
+    finally:
+        os.sched_setaffinity(0, set(range(os.cpu_count() or 1)))
+    return out
 
 
 def http_load(url: str, obs: dict, clients: int, duration: float) -> dict:
@@ -453,6 +526,10 @@ def main() -> int:
     parser.add_argument("--side-by-side", action="store_true",
                         help="only the gpu_worker / serial / LitServe / direct table (see the module docstring)")
     parser.add_argument("--models", default="small,wide", help="--side-by-side: small, wide or both")
+    parser.add_argument("--batch-wait", default=None, metavar="MS:MS,...",
+                        help="instead: compare batching settings, max_wait_ms:batch_gap_ms each (e.g. 0:0,5:0.3,5:0), "
+                             "on lock-step and random-arrival clients, pinned like --pin")
+    parser.add_argument("--rounds", type=int, default=2, help="--batch-wait: alternating rounds")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     levels = [int(c) for c in args.clients.split(",")]
@@ -467,6 +544,21 @@ def main() -> int:
         "device": args.device, "device_name": device_name(args.device), "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d"),
     }
+    if args.batch_wait:
+        if len(os.sched_getaffinity(0)) < 2:
+            parser.error("--batch-wait needs 2 CPUs: the server on one, the load generator on another")
+        try:
+            settings = [(float(wait), float(gap)) for wait, gap in (item.split(":") for item in args.batch_wait.split(","))]
+        except ValueError:
+            parser.error(f"--batch-wait: expected MS:MS pairs separated by commas, got {args.batch_wait!r}")
+        results["batch_wait"] = batch_wait(args, levels, settings)
+        results["duration_s"], results["rounds"] = args.duration, args.rounds
+        out = pathlib.Path(args.out or ROOT / "bench" / "results" /
+                           f"gpu_worker_batch_wait_{args.device.split(':')[0]}.json")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(results, indent=2) + "\n")
+        print(f"\nwrote {out}")
+        return 0
     if args.side_by_side:
         results["pinned"] = args.pin
         results["duration_s"] = args.duration

@@ -1,8 +1,10 @@
 """Dynamic batching: one thread owns a model and runs queued requests together.
 
 Requests from every connection land in one bounded queue per model. The owner
-thread takes the oldest request, waits at most ``max_wait_s`` for more to
-arrive (never longer than the oldest request's deadline), gathers the queued
+thread takes the oldest request and, while fewer requests are queued than the
+last batch had, waits for more: until that many are in, no request has
+arrived for ``gap_s`` (when set), or ``max_wait_s`` has passed since the
+oldest arrived. It then gathers the queued
 requests whose inputs are compatible with it (same keys, per-row shapes and
 dtypes) up to ``max_batch_size`` rows, stacks them, runs one forward pass and
 answers each request's future with its own rows. Incompatible requests stay
@@ -118,6 +120,7 @@ class DynamicBatcher:
         name: str = "model",
         max_batch_size: int = 64,
         max_wait_s: float = 0.001,
+        gap_s: float = 0.0,
         max_queue: int = 1024,
         version: str = "init",
         on_batch: Callable[[int, float, list[float]], None] | None = None,
@@ -127,6 +130,8 @@ class DynamicBatcher:
             raise ValueError(f"max_batch_size must be an integer >= 1, got {max_batch_size!r}")
         if not isinstance(max_wait_s, (int, float)) or max_wait_s < 0:
             raise ValueError(f"max_wait_s must be >= 0 seconds, got {max_wait_s!r}")
+        if not isinstance(gap_s, (int, float)) or gap_s < 0:
+            raise ValueError(f"gap_s must be >= 0 seconds, got {gap_s!r}")
         if not isinstance(max_queue, int) or max_queue < 1:
             raise ValueError(f"max_queue must be an integer >= 1, got {max_queue!r}")
         self._infer_batch = infer_batch
@@ -140,6 +145,10 @@ class DynamicBatcher:
         self.name = name
         self.max_batch_size = max_batch_size
         self.max_wait_s = float(max_wait_s)
+        # A batch that waits stops waiting once no request has arrived for gap_s (0: wait out max_wait_s):
+        # callers still coming back keep it open, a quiet queue does not hold its first request for long.
+        self.gap_s = float(gap_s)
+        self._last_arrival = 0.0
         self.max_queue = max_queue
         self._queue: collections.deque[Request] = collections.deque()
         self._queued_rows = 0
@@ -174,7 +183,7 @@ class DynamicBatcher:
                     f"overloaded: model {self.name!r} has {self._queued_rows} rows queued "
                     f"(max_queue={self.max_queue}); retry later"
                 )
-            request.enqueued_at = time.monotonic()
+            request.enqueued_at = self._last_arrival = time.monotonic()
             self._queue.append(request)
             self._queued_rows += request.rows
             # Wake the batcher thread only when it has something to do: a first request to start a batch
@@ -265,10 +274,16 @@ class DynamicBatcher:
                 while self._queued_rows < self.max_batch_size and not self._stopping:
                     if len(self._queue) >= self._last_batch_requests:
                         break  # as many callers as last time are in: with lock-step callers, that is all of them
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0:
+                    now = time.monotonic()
+                    if now >= deadline:
                         break
-                    self._cond.wait(remaining)
+                    if self.gap_s:
+                        quiet_at = self._last_arrival + self.gap_s
+                        if now >= quiet_at:
+                            break  # arrivals have stopped
+                        self._cond.wait(min(deadline, quiet_at) - now)
+                    else:
+                        self._cond.wait(deadline - now)
                 while self._busy and not self._stopping:
                     self._cond.wait()
                 if not self._queue:

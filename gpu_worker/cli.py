@@ -45,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument("--device", help="auto (GPU if visible, else CPU), cpu, cuda or cuda:N (default auto)")
     batching = parser.add_argument_group("batching")
     batching.add_argument("--max-batch-size", type=int, help="most rows in one forward pass (default 64)")
-    batching.add_argument("--max-wait-ms", type=float, help="how long an idle model waits for a batch to fill, in ms (default 0: run what is queued at once)")
+    batching.add_argument("--max-wait-ms", type=float, help="the longest a batch waits for more requests, in ms (default 5; 0: run what is queued at once)")
+    batching.add_argument("--batch-gap-ms", type=float, help="a waiting batch starts once no request has come for this long, in ms (default 0.3; 0: wait out --max-wait-ms)")
     batching.add_argument("--max-queue", type=int, help="most rows queued per model before 'overloaded' (default 1024)")
     life = parser.add_argument_group("lifecycle")
     life.add_argument("--shutdown-grace-s", type=float, help="time given to in-flight requests on SIGTERM (default 30)")
@@ -60,7 +61,7 @@ def config_from_args(argv: list[str] | None = None) -> ServerConfig:
         values = load_config_file(args.config) if args.config else {}
         for field in (
             "host", "port", "max_message_bytes", "codec_offload_bytes", "device", "max_batch_size",
-            "max_wait_ms", "max_queue", "shutdown_grace_s", "log_level", "metrics_public",
+            "max_wait_ms", "batch_gap_ms", "max_queue", "shutdown_grace_s", "log_level", "metrics_public",
         ):
             value = getattr(args, field)
             if value is not None:

@@ -67,7 +67,11 @@ class ServerConfig:
     device: str = "auto"
     # Batching
     max_batch_size: int = 64
-    max_wait_ms: float = 0.0  # 0: an idle model runs whatever is queued at once; batches form while it is busy
+    # A batch with fewer requests than the last one waits for more, until as many are in as last time (callers
+    # that wait for their answer come back together), no request has come for batch_gap_ms, or max_wait_ms
+    # has passed. 0 ms: an idle model runs whatever is queued at once; batches form while it is busy.
+    max_wait_ms: float = 5.0
+    batch_gap_ms: float = 0.3  # 0: wait out max_wait_ms
     max_queue: int = 1024
     # Lifecycle
     shutdown_grace_s: float = 30.0
@@ -90,6 +94,8 @@ class ServerConfig:
         _check_int("max_queue", self.max_queue, 1, 1 << 24)
         if not isinstance(self.max_wait_ms, (int, float)) or isinstance(self.max_wait_ms, bool) or not 0 <= self.max_wait_ms <= 1000:
             raise ConfigError(f"max_wait_ms must be between 0 and 1000, got {self.max_wait_ms!r}")
+        if not isinstance(self.batch_gap_ms, (int, float)) or isinstance(self.batch_gap_ms, bool) or not 0 <= self.batch_gap_ms <= 1000:
+            raise ConfigError(f"batch_gap_ms must be between 0 and 1000, got {self.batch_gap_ms!r}")
         if not isinstance(self.shutdown_grace_s, (int, float)) or self.shutdown_grace_s < 0:
             raise ConfigError(f"shutdown_grace_s must be >= 0, got {self.shutdown_grace_s!r}")
         if not isinstance(self.device, str) or not _DEVICE.match(self.device):

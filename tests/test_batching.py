@@ -258,3 +258,47 @@ def test_run_inline_runs_a_lone_request_on_the_callers_thread_and_never_beside_t
         assert overlaps == [] and 0 <= ran_inline <= 2000
     finally:
         batcher.stop(5)
+
+
+def test_a_waiting_batch_stays_open_while_requests_come_and_starts_once_they_stop():
+    """Requests closer together than the gap join one batch; a batch with fewer requests than the last one
+    waits for the gap, not for max_wait_s; as many as last time start it at once."""
+    sizes: list[int] = []
+
+    def infer(batch):
+        sizes.append(len(batch["x"]))
+        return {"y": batch["x"] * 2}
+
+    batcher = DynamicBatcher(infer, name="gap", max_batch_size=8, max_wait_s=30.0, gap_s=0.4)
+    batcher.start()
+    try:
+        x = {"x": np.ones((1, 2), np.float32)}
+        futures = []
+        for _ in range(3):  # fewer than the starting "last batch" (max_batch_size): the batch waits
+            futures.append(batcher.submit(Request(dict(x), 1)))
+            time.sleep(0.05)
+        assert [f.result(10).outputs["y"].tolist() for f in futures] == [[[2.0, 2.0]]] * 3
+        assert sizes == [3]
+        started = time.monotonic()
+        batcher.submit(Request(dict(x), 1)).result(10)  # one, fewer than last time's 3: waits out the gap only
+        assert sizes == [3, 1] and time.monotonic() - started < 10
+    finally:
+        batcher.stop(5)
+
+    # As many as last time start the batch at once, however long the gap.
+    batcher = DynamicBatcher(infer, name="gap", max_batch_size=8, max_wait_s=30.0, gap_s=2.0)
+    batcher.start()
+    try:
+        started = time.monotonic()
+        batcher.submit(Request(dict(x), 1)).result(10)  # the first: fewer than max_batch_size, waits the gap
+        assert time.monotonic() - started >= 2.0
+        started = time.monotonic()
+        batcher.submit(Request(dict(x), 1)).result(10)  # as many as last time (1)
+        assert time.monotonic() - started < 1.5
+    finally:
+        batcher.stop(5)
+
+
+def test_batch_gap_must_be_a_non_negative_time():
+    with pytest.raises(ValueError, match="gap_s must be >= 0"):
+        DynamicBatcher(lambda batch: batch, gap_s=-1)

@@ -29,6 +29,7 @@ def run_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
     [
         (["--max-batch-size", "0"], "max_batch_size must be an integer between 1 and 65536, got 0"),
         (["--max-wait-ms", "-1"], "max_wait_ms must be between 0 and 1000"),
+        (["--batch-gap-ms", "-1"], "batch_gap_ms must be between 0 and 1000"),
         (["--port", "70000"], "port must be an integer between 0 and 65535"),
         (["--port", "http"], "argument --port: invalid int value: 'http'"),
         (["--device", "gpu0"], "device 'gpu0' must be auto, cpu, cuda or cuda:N"),
