@@ -496,6 +496,15 @@ def print_side_by_side(r: dict) -> None:
           "server on this core could serve")
 
 
+def write_json(results: dict, out: str | None, kind: str, device: str) -> int:
+    """Write ``results`` to ``out`` (default bench/results/gpu_worker_<kind>_<device>.json)."""
+    path = pathlib.Path(out or ROOT / "bench" / "results" / f"gpu_worker_{kind}_{device.split(':')[0]}.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"\nwrote {path}")
+    return 0
+
+
 def device_name(device: str) -> str:
     if device.startswith("cuda"):
         import torch
@@ -553,23 +562,13 @@ def main() -> int:
             parser.error(f"--batch-wait: expected MS:MS pairs separated by commas, got {args.batch_wait!r}")
         results["batch_wait"] = batch_wait(args, levels, settings)
         results["duration_s"], results["rounds"] = args.duration, args.rounds
-        out = pathlib.Path(args.out or ROOT / "bench" / "results" /
-                           f"gpu_worker_batch_wait_{args.device.split(':')[0]}.json")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(results, indent=2) + "\n")
-        print(f"\nwrote {out}")
-        return 0
+        return write_json(results, args.out, "batch_wait", args.device)
     if args.side_by_side:
         results["pinned"] = args.pin
         results["duration_s"] = args.duration
         results["side_by_side"] = side_by_side(args, levels)
         print_side_by_side(results)
-        out = pathlib.Path(args.out or ROOT / "bench" / "results" /
-                           f"gpu_worker_side_by_side_{args.device.split(':')[0]}.json")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(results, indent=2) + "\n")
-        print(f"\nwrote {out}")
-        return 0
+        return write_json(results, args.out, "side_by_side", args.device)
     wait_opts = {} if args.max_wait_ms is None else {"max_wait_ms": args.max_wait_ms}
 
     # 1. Latency.

@@ -1,6 +1,7 @@
 """The benchmark script still runs end to end (tiny settings; its figures are not checked)."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -23,6 +24,28 @@ def test_gpu_worker_benchmark_runs_and_writes_json(tmp_path):
     assert set(figures["throughput"]) == {"1", "2"}
     assert figures["throughput"]["2"]["gpu_worker"]["requests_per_s"] > 0
     assert set(figures["latency"]) == {"state-only", "libero-sized"}
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="pins the server and the load generator to two CPUs")
+def test_side_by_side_and_batch_wait_benchmarks_run(tmp_path):
+    side, wait = tmp_path / "side.json", tmp_path / "wait.json"
+    for flags, out in ((["--side-by-side", "--pin", "--models", "small", "--clients", "1,2"], side),
+                       (["--batch-wait", "0:0,5:0.3", "--rounds", "1", "--models", "small", "--clients", "1,2"], wait)):
+        result = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_gpu_worker.py"), *flags, "--duration", "0.3",
+                                 "--out", str(out)], capture_output=True, text=True, timeout=300, cwd=ROOT)
+        assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads(side.read_text())["side_by_side"]["small"]["throughput"]
+    assert set(rows) == {"1", "2"}
+    for row in rows.values():
+        assert row["websockets_floor"]["requests_per_s"] > 0 and row["serial"]["requests_per_s"] > 0
+        assert 0 < row["ceiling_rps"] < row["direct_batched_rps"]
+    settings = json.loads(wait.read_text())["batch_wait"]["small"]
+    assert set(settings) == {"0:0", "5:0.3"}
+    assert all(run["2"]["requests_per_s"] > 0 and run["random_8"]["p50_ms"] > 0 for runs in settings.values() for run in runs)
+    bad = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_gpu_worker.py"), "--batch-wait", "5"],
+                         capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert bad.returncode == 2 and "expected MS:MS pairs" in bad.stderr
 
 
 @pytest.mark.slow
