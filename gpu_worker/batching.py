@@ -4,7 +4,8 @@ Requests from every connection land in one bounded queue per model. The owner
 thread takes the oldest request and, while fewer requests are queued than the
 last batch had, waits for more: until that many are in, no request has
 arrived for ``gap_s`` (when set), or ``max_wait_s`` has passed since the
-oldest arrived. It then gathers the queued
+oldest arrived (never longer than the model's recent forward pass, and not at
+all when that is shorter than ``gap_s``). It then gathers the queued
 requests whose inputs are compatible with it (same keys, per-row shapes and
 dtypes) up to ``max_batch_size`` rows, stacks them, runs one forward pass and
 answers each request's future with its own rows. Incompatible requests stay
@@ -270,7 +271,12 @@ class DynamicBatcher:
                     self._cond.wait()  # busy here: a request running inline on its caller's thread
                 if not self._queue:
                     return
-                deadline = self._queue[0].enqueued_at + self.max_wait_s
+                # Waiting for a caller longer than a forward pass takes costs more than running without it
+                # (it would be answered one forward later), and a model whose forward is shorter than the gap
+                # gains less from a fuller batch than the wait costs its callers: it does not wait at all.
+                ema = self.infer_s_ema
+                wait_s = self.max_wait_s if ema is None else (0.0 if ema < self.gap_s else min(self.max_wait_s, ema))
+                deadline = self._queue[0].enqueued_at + wait_s
                 while self._queued_rows < self.max_batch_size and not self._stopping:
                     if len(self._queue) >= self._last_batch_requests:
                         break  # as many callers as last time are in: with lock-step callers, that is all of them

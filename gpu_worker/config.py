@@ -69,7 +69,8 @@ class ServerConfig:
     max_batch_size: int = 64
     # A batch with fewer requests than the last one waits for more, until as many are in as last time (callers
     # that wait for their answer come back together), no request has come for batch_gap_ms, or max_wait_ms
-    # has passed. 0 ms: an idle model runs whatever is queued at once; batches form while it is busy.
+    # (at most one recent forward pass) has passed; a model whose forward pass is shorter than batch_gap_ms
+    # never waits. 0 ms: an idle model runs whatever is queued at once; batches form while it is busy.
     max_wait_ms: float = 5.0
     batch_gap_ms: float = 0.3  # 0: wait out max_wait_ms
     max_queue: int = 1024
