@@ -49,6 +49,21 @@ def test_side_by_side_and_batch_wait_benchmarks_run(tmp_path):
 
 
 @pytest.mark.slow
+def test_paths_benchmark_runs_two_trees_and_refuses_a_tree_without_gpu_worker(tmp_path):
+    out = tmp_path / "paths.json"
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_paths.py"), "--base-tree", str(ROOT),
+                             "--rounds", "1", "--requests", "10", "--out", str(out)],
+                            capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = json.loads(out.read_text())["runs"]
+    for label in ("base", "head"):
+        assert runs[label][0]["libero_1_client"]["p50_ms"] > 0 and runs[label][0]["tasks_per_s_4_workers"] > 0
+    bad = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_paths.py"), "--base-tree", str(tmp_path)],
+                         capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert bad.returncode == 2 and "no gpu_worker package" in bad.stderr
+
+
+@pytest.mark.slow
 def test_score_and_load_benchmarks_run(tmp_path):
     score_out, load_out = tmp_path / "score.json", tmp_path / "load.json"
     for args, out in (
