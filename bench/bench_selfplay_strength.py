@@ -1,12 +1,15 @@
 """Self-play strength against exact solutions: how often each player picks an optimal-outcome move.
 
-    python bench/bench_selfplay_strength.py [--positions 400] [--games dots_boxes,connect4]
+    python bench/bench_selfplay_strength.py [--positions 400] [--games dots_boxes,connect4] [--reference benchmark]
 
 On the fixed reference sets (bench/reference/selfplay_reference_<game>.json, made
 by bench/selfplay_reference.py: Dots and Boxes 3x3 with 8-14 lines left,
 solved by our own exhaustive solver; Connect Four after 8-20 random plies,
 solved by BitBully; only positions whose moves' outcomes differ), each player
-picks one move per position:
+picks one move per position. ``--reference validation`` measures on the
+disjoint validation sets instead (selfplay_reference_<game>_validation.json),
+for choosing among checkpoints or search settings without tuning to the
+benchmark positions.
 
 - ``network``: the shipped network's highest prior (served by gpu_worker);
 - ``mcts+net@S``: the project's MCTS with that network, S simulations;
@@ -33,7 +36,7 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from benchlib import write_results  # noqa: E402
-from bench.selfplay_reference import load, mcts_choices, network_choices, score_choices  # noqa: E402
+from bench.selfplay_reference import load, mcts_choices, network_choices, reference_path, score_choices  # noqa: E402
 from gpu_worker.config import ModelConfig, ServerConfig  # noqa: E402
 from gpu_worker.launch import start_server_process  # noqa: E402
 from pi0_reward_server.client_pool import ClientPool  # noqa: E402
@@ -80,6 +83,9 @@ def main() -> int:
     parser.add_argument("--leaves-per-round", type=int, default=8)
     parser.add_argument("--search", default="default", help=f"comma-separated, of: {', '.join(SEARCHES)}")
     parser.add_argument("--checkpoint-dir", default=None, help="default: gpu_worker/checkpoints")
+    parser.add_argument("--reference", default="benchmark", metavar="NAME",
+                        help="which reference set: benchmark (default) or another made by bench/selfplay_reference.py "
+                             "--set NAME (e.g. validation)")
     parser.add_argument("--label", default="", help="a note stored with the figures (e.g. which search)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
@@ -92,17 +98,25 @@ def main() -> int:
     for g in games:
         if g not in NETS:
             raise SystemExit(f"--games: unknown game {g!r}; known: {sorted(NETS)}")
+        try:
+            path = reference_path(g, args.reference)
+        except ValueError as e:
+            raise SystemExit(f"--reference: {e}") from None
+        if not path.is_file():  # before the model server starts
+            raise SystemExit(f"--reference: no {args.reference!r} set for {g} ({path}); make it with "
+                             f"python bench/selfplay_reference.py --games {g} --set {args.reference}")
     ckpt_dir = pathlib.Path(args.checkpoint_dir or ROOT / "gpu_worker" / "checkpoints")
     models = tuple(ModelConfig(name=NETS[g][0], target=f"gpu_worker.models.selfplay_net:{NETS[g][1]}",
                                checkpoint=str(ckpt_dir / NETS[g][2])) for g in games)
     results: dict = {"cpu_cores": os.cpu_count(), "date": time.strftime("%Y-%m-%d"), "label": args.label,
+                     "reference": args.reference,
                      "leaves_per_round": args.leaves_per_round, "checkpoints": str(ckpt_dir.relative_to(ROOT))
                      if ckpt_dir.is_relative_to(ROOT) else ckpt_dir.name, "games": {}}
     server = start_server_process(ServerConfig(port=0, models=models, log_level="WARNING", max_queue=65536))
     try:
         with ClientPool([server.url], connections_per_server=1).start(wait_s=60) as pool:
             for name in games:
-                game, positions = load(name)
+                game, positions = load(name, args.reference)
                 positions = positions[: args.positions]
                 network = PolicyEvaluator(PoolPolicy(pool, NETS[name][0]))
                 rows = results["games"][name] = {}
@@ -123,7 +137,8 @@ def main() -> int:
     finally:
         server.stop()
 
-    print(f"\nOptimal-outcome moves on exact reference positions ({args.positions} per game){' - ' + args.label if args.label else ''}\n")
+    print(f"\nOptimal-outcome moves on exact reference positions ({args.reference} set, {args.positions} per game)"
+          f"{' - ' + args.label if args.label else ''}\n")
     print(f"  {'game':11s} {'player [search]':44s} {'optimal':>8s} {'tactical':>9s}")
     for name, rows in results["games"].items():
         for label, r in rows.items():

@@ -13,9 +13,14 @@ the moves' outcomes differ are kept, so picking at random can be wrong.
   ``scripts/install_selfplay_reference.sh`` for tests and benchmarks only and
   imported lazily here; the product never imports it.
 
-``bench/reference/selfplay_reference_<game>.json`` holds the fixed sets, made by
-``python bench/selfplay_reference.py`` (seeded); tests re-check some of them
-against the live solvers.
+``bench/reference/selfplay_reference_<game>.json`` holds the fixed ``benchmark``
+sets, made by ``python bench/selfplay_reference.py`` (seeded); tests re-check
+some of them against the live solvers. Other named sets sit beside them as
+``selfplay_reference_<game>_<set>.json`` (``--set validation --seed 7``: the
+``validation`` sets, for choosing among checkpoints or search settings without
+tuning to the benchmark); every such set is built disjoint from its game's
+benchmark set, by position (a transposition of a benchmark position is left
+out too).
 
 Tags: ``win_now`` (some move wins at once) and ``block_now`` (none does, and
 the opponent would win at once at a column the mover can fill: Connect Four
@@ -28,7 +33,9 @@ import argparse
 import functools
 import json
 import pathlib
+import re
 import sys
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 
@@ -41,6 +48,8 @@ DATA = ROOT / "bench" / "reference"
 DOTS_LINES_LEFT = (8, 14)  # inclusive: few enough lines left for an exhaustive solve
 CONNECT4_PLIES = (8, 20)  # inclusive: random plies from the empty board
 MAX_FAILURES_KEPT = 10  # failures written with the figures, for study
+BENCHMARK = "benchmark"  # the fixed set every figure so far was measured on; its files carry no set suffix
+SET_NAME = re.compile(r"[A-Za-z0-9_]+")
 
 
 # -- Dots and Boxes -----------------------------------------------------------------------------------
@@ -146,11 +155,21 @@ def exact_outcomes(game, state, moves: list[int], solver: DotsBoxesSolver | None
     return (solver or DotsBoxesSolver(game)).move_outcomes(state)
 
 
-def build(game_name: str, count: int, seed: int) -> dict:
-    """``count`` random positions of the kind named in the module docstring whose moves' outcomes differ."""
+def position_key(game, state) -> bytes:
+    """The position itself (what the network sees), so two move orders reaching it give the same key."""
+    return game.encode(state).tobytes()
+
+
+def build(game_name: str, count: int, seed: int, exclude: Iterable[Sequence[int]] = ()) -> dict:
+    """``count`` random positions of the kind named in the module docstring whose moves' outcomes differ.
+
+    No position is kept twice, nor any position reached by a move list in ``exclude`` (another set's, so the
+    two are disjoint by construction; transpositions included).
+    """
     game = make_game(game_name)
     rng = np.random.default_rng(seed)
     solver = DotsBoxesSolver(game) if isinstance(game, DotsAndBoxes) else None
+    excluded = {position_key(game, play_moves(game, moves)) for moves in exclude}
     positions, seen = [], set()
     while len(positions) < count:
         if solver is not None:
@@ -163,24 +182,37 @@ def build(game_name: str, count: int, seed: int) -> dict:
                 break
             moves.append(int(rng.choice(np.flatnonzero(game.legal_mask(state)))))
             state = game.next_state(state, moves[-1])
-        if game.terminal(state) or tuple(moves) in seen:
+        if game.terminal(state) or (key := position_key(game, state)) in seen or key in excluded:
             continue
         outcomes = exact_outcomes(game, state, moves, solver)
         if len(set(outcomes.values())) < 2:
             continue
-        seen.add(tuple(moves))
+        seen.add(key)
         positions.append({"moves": moves, "outcomes": {str(a): o for a, o in sorted(outcomes.items())},
                           "tags": tags_for(game, state)})
     return {"game": game.name, "seed": seed, "positions": positions}
 
 
-def reference_path(game_name: str) -> pathlib.Path:
-    return DATA / f"selfplay_reference_{game_name}.json"
+def check_set_name(set_name: str) -> str:
+    if not isinstance(set_name, str) or not SET_NAME.fullmatch(set_name):
+        raise ValueError(f"reference set name must be letters, digits and underscores (e.g. {BENCHMARK!r} or "
+                         f"'validation'), got {set_name!r}")
+    return set_name
 
 
-def load(game_name: str) -> tuple[object, list[dict]]:
+def reference_path(game_name: str, set_name: str = BENCHMARK) -> pathlib.Path:
+    """``selfplay_reference_<game>.json`` for the benchmark set, ``selfplay_reference_<game>_<set>.json`` else."""
+    suffix = "" if check_set_name(set_name) == BENCHMARK else f"_{set_name}"
+    return DATA / f"selfplay_reference_{game_name}{suffix}.json"
+
+
+def load(game_name: str, set_name: str = BENCHMARK) -> tuple[object, list[dict]]:
     """(game, positions) from the committed set; each position gains ``state`` and ``optimal`` (a set of moves)."""
-    data = json.loads(reference_path(game_name).read_text())
+    path = reference_path(game_name, set_name)
+    if not path.is_file():
+        raise FileNotFoundError(f"no {set_name!r} reference set for {game_name!r} ({path.relative_to(ROOT)}); make it "
+                                f"with python bench/selfplay_reference.py --games {game_name} --set {set_name}")
+    data = json.loads(path.read_text())
     game = make_game(game_name)
     positions = []
     for p in data["positions"]:
@@ -225,11 +257,29 @@ def main() -> int:
     parser.add_argument("--count", type=int, default=400)
     parser.add_argument("--seed", type=int, default=2026)
     parser.add_argument("--games", default="dots_boxes,connect4")
+    parser.add_argument("--set", default=BENCHMARK, dest="set_name", metavar="NAME",
+                        help=f"{BENCHMARK!r} (default) writes selfplay_reference_<game>.json; any other name "
+                             f"(letters, digits, underscores) selfplay_reference_<game>_<NAME>.json, disjoint from "
+                             f"the benchmark set; use a seed other than the benchmark's")
     args = parser.parse_args()
+    try:
+        check_set_name(args.set_name)
+    except ValueError as e:
+        parser.error(f"--set: {e}")
     DATA.mkdir(parents=True, exist_ok=True)
     for name in args.games.split(","):
-        data = build(name, args.count, args.seed)
-        path = reference_path(name)
+        exclude = []
+        if args.set_name != BENCHMARK:
+            benchmark = reference_path(name)
+            if not benchmark.is_file():
+                parser.error(f"--set {args.set_name}: the benchmark set {benchmark.relative_to(ROOT)} must exist "
+                             f"first, to be kept out of it")
+            exclude = [p["moves"] for p in json.loads(benchmark.read_text())["positions"]]
+        data = build(name, args.count, args.seed, exclude)
+        if args.set_name != BENCHMARK:
+            data = {"game": data["game"], "set": args.set_name, "seed": args.seed, "disjoint_from": BENCHMARK,
+                    "positions": data["positions"]}
+        path = reference_path(name, args.set_name)
         path.write_text(json.dumps(data, separators=(",", ":")) + "\n")
         tags = [t for p in data["positions"] for t in p["tags"]]
         print(f"{path.name}: {len(data['positions'])} positions, {tags.count('win_now')} win_now, "

@@ -11,8 +11,8 @@ import sys
 import numpy as np
 import pytest
 
-from bench.selfplay_reference import (DotsBoxesSolver, connect4_move_outcomes, connect4_threats, load, mcts_choices,
-                                      play_moves, score_choices)
+from bench.selfplay_reference import (DotsBoxesSolver, build, connect4_move_outcomes, connect4_threats, load,
+                                      mcts_choices, play_moves, position_key, reference_path, score_choices)
 from gpu_worker.config import ModelConfig
 from pi0_reward_server.client_pool import ClientPool
 from pi0_reward_server.kinds.selfplay.games import ConnectFour, make_game
@@ -63,6 +63,54 @@ def test_committed_reference_sets_match_the_live_solvers(name):
         live = connect4_move_outcomes(p["moves"]) if solver is None else solver.move_outcomes(p["state"])
         assert live == p["outcomes"], p["moves"]
         assert len(set(live.values())) > 1  # only positions where a move can be wrong
+
+
+@pytest.mark.parametrize("name", ["connect4", "dots_boxes"])
+def test_validation_sets_are_disjoint_from_the_benchmark_sets(name):
+    """The validation sets (for choosing among checkpoints or search settings) share no position with the
+    benchmark sets, not even by another move order; a few are re-solved now (Connect Four only with BitBully)."""
+    game, benchmark = load(name)
+    _, validation = load(name, "validation")
+    assert len(validation) >= 100
+    assert reference_path(name) == reference_path(name, "benchmark") != reference_path(name, "validation")
+    assert reference_path(name, "validation").name == f"selfplay_reference_{name}_validation.json"
+    keys = [position_key(game, p["state"]) for p in validation]
+    assert len(set(keys)) == len(keys)
+    assert not set(keys) & {position_key(game, p["state"]) for p in benchmark}
+    assert not {tuple(p["moves"]) for p in validation} & {tuple(p["moves"]) for p in benchmark}
+    try:
+        import bitbully  # noqa: F401
+    except ImportError:
+        bitbully = None
+    if name == "dots_boxes" or bitbully is not None:
+        solver = DotsBoxesSolver(game) if name == "dots_boxes" else None
+        for p in validation[::80]:
+            live = connect4_move_outcomes(p["moves"]) if solver is None else solver.move_outcomes(p["state"])
+            assert live == p["outcomes"] and len(set(live.values())) > 1, p["moves"]
+
+
+def test_a_set_built_with_exclusions_skips_those_positions_and_their_transpositions():
+    """``exclude`` drops positions before solving, so the same seed then yields the next positions it would
+    have kept; exclusion is by position, so another move order to an excluded position is dropped too."""
+    _, benchmark = load("dots_boxes")
+    skipped = build("dots_boxes", 3, 2026, exclude=[p["moves"] for p in benchmark[:2]])["positions"]
+    assert [p["moves"] for p in skipped] == [p["moves"] for p in benchmark[2:5]]
+    game = ConnectFour()
+    assert position_key(game, play_moves(game, [0, 1, 2, 3])) == position_key(game, play_moves(game, [2, 1, 0, 3]))
+    assert position_key(game, play_moves(game, [0, 1, 2, 3])) != position_key(game, play_moves(game, [0, 1, 3, 2]))
+
+
+@pytest.mark.parametrize("bad", ["", "val-idation", "../benchmark", "a b", "validation.json", None])
+def test_a_bad_reference_set_name_is_refused_clearly(bad):
+    with pytest.raises(ValueError, match="letters, digits and underscores"):
+        load("connect4", bad)
+    with pytest.raises(ValueError, match="letters, digits and underscores"):
+        reference_path("dots_boxes", bad)
+
+
+def test_a_missing_reference_set_says_how_to_make_it():
+    with pytest.raises(FileNotFoundError, match="--set nosuch"):
+        load("connect4", "nosuch")
 
 
 def test_the_dots_and_boxes_reference_check_runs_without_bitbully(tmp_path):
