@@ -12,7 +12,12 @@ the network on the last ``--window`` iterations' positions (cross-entropy to the
 improved policy with Gumbel, plus squared error to the final outcome, as in
 AlphaZero, or with ``--value-target mixed`` to the mean of the outcome and the
 search's root value), and saves the weights. ``--init`` continues from a checkpoint
-(default: the shipped one), ``--minutes`` caps the wall time.
+(default: the shipped one), ``--minutes`` caps the wall time. ``--actors N`` plays
+each iteration's games in N spawned processes that share the one model server
+(which batches all their leaves into its forward passes): the MCTS is Python
+and takes a core per actor, so on a many-core GPU box this is what makes the
+GPU worth having. The weights are written after every iteration, and
+``--snapshot-every`` keeps intermediate ones for choosing among them.
 
 At the end the new network plays the starting one (``--init``) and MCTS
 with a uniform evaluator, both at equal simulations through a model server,
@@ -25,7 +30,9 @@ Seeded; the strength against exact solutions is measured by
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
+import multiprocessing
 import os
 import pathlib
 import sys
@@ -68,13 +75,15 @@ def mirror_connect4(game: ConnectFour, states: np.ndarray, policies: np.ndarray)
 
 
 def serve(net_cls, checkpoints: dict[str, pathlib.Path], device: str):
-    """One model server hosting each named checkpoint of ``net_cls``, and a pool on it."""
+    """One model server process hosting each named checkpoint of ``net_cls``."""
     target = f"{net_cls.__module__}:{net_cls.__name__}"
     models = tuple(ModelConfig(name=name, target=target, checkpoint=str(path)) for name, path in checkpoints.items())
     config = ServerConfig(port=0, device=device, log_level="WARNING", max_queue=65536, models=models)
-    server = start_server_process(config)
-    pool = ClientPool([server.url], connections_per_server=1).start(wait_s=60)
-    return server, pool
+    return start_server_process(config)
+
+
+def cpu_state(net) -> dict:
+    return {k: v.detach().cpu() for k, v in net.state_dict().items()}
 
 
 def train_step(net, optimizer, states, policies, values, *, epochs: int, batch: int, rng, device: str = "cpu") -> float:
@@ -121,6 +130,81 @@ def random_starts(game, count: int, max_plies: int, rng) -> list:
     return starts
 
 
+def actor_games(url: str, game_name: str, config: MCTSConfig, count: int, starts: list | None, seed: int,
+                temperature_moves: int) -> list:
+    """One self-play actor: ``count`` games through its own connection to the iteration's model server. Runs in
+    a spawned process, so that actors search in parallel and the server batches all their leaves together."""
+    game = make_game(game_name)
+    pool = ClientPool([url], connections_per_server=1).start(wait_s=60)
+    try:
+        agent = Agent("mcts", PolicyEvaluator(PoolPolicy(pool, game_name)), config, noise=True)
+        return play_games(game, [(agent, agent)] * count, np.random.default_rng(seed),
+                          temperature_moves=temperature_moves, record=True, starts=starts)
+    finally:
+        pool.close()
+
+
+def self_play(game, args, config: MCTSConfig, url: str, rng, actors) -> list:
+    """One iteration's ``--games`` games: in this process, or split over the ``actors`` process pool."""
+    starts = random_starts(game, args.games, args.random_plies, rng) if args.random_plies else None
+    if actors is None:
+        pool = ClientPool([url], connections_per_server=1).start(wait_s=60)
+        try:
+            agent = Agent("mcts", PolicyEvaluator(PoolPolicy(pool, args.game)), config, noise=True)
+            return play_games(game, [(agent, agent)] * args.games, rng, temperature_moves=args.temperature_moves,
+                              record=True, starts=starts)
+        finally:
+            pool.close()
+    shares = [share for share in np.array_split(np.arange(args.games), args.actors) if len(share)]
+    futures = [actors.submit(actor_games, url, args.game, config, len(share),
+                             None if starts is None else [starts[g] for g in share], int(rng.integers(2**63)),
+                             args.temperature_moves) for share in shares]
+    return [result for future in futures for result in future.result()]
+
+
+def train(args, game, net_cls, net, checkpoint: pathlib.Path, out: pathlib.Path, rng, actors,
+          started: float) -> list[dict]:
+    """The AlphaZero loop: each iteration serves the current weights, plays ``--games`` self-play games through
+    that server and trains on the last ``--window`` iterations' positions. The weights go to ``out`` after
+    every iteration (an interrupted run loses at most one), and to ``<out>.iterN.pt`` every
+    ``--snapshot-every`` iterations. Returns the per-iteration figures."""
+    optimizer = torch.optim.Adam(net.parameters(), lr=args.lr, weight_decay=1e-4)
+    config = MCTSConfig(simulations=args.simulations, leaves_per_round=8, selection=args.selection)
+    buffer: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    history: list[dict] = []
+    for iteration in range(args.iterations):
+        if args.minutes is not None and time.monotonic() - started > 60 * args.minutes:
+            break
+        server = serve(net_cls, {args.game: checkpoint}, args.device)
+        try:
+            results = self_play(game, args, config, server.url, rng, actors)
+        finally:
+            server.stop()
+        states = np.stack([s for r in results for s in r.states])
+        policies = np.stack([p for r in results for p in r.policies])
+        values = value_targets(results, args.value_target)
+        new_positions = len(states)
+        if isinstance(game, ConnectFour):
+            mirrored = mirror_connect4(game, states, policies)
+            states, policies, values = (np.concatenate([states, mirrored[0]]), np.concatenate([policies, mirrored[1]]),
+                                        np.concatenate([values, values]))
+        buffer = (buffer + [(states, policies, values)])[-args.window :]
+        data = [np.concatenate(parts) for parts in zip(*buffer)]
+        loss = train_step(net, optimizer, *data, epochs=args.epochs, batch=256, rng=rng, device=args.device)
+        torch.save(net.state_dict(), checkpoint)
+        torch.save(cpu_state(net), out)
+        if args.snapshot_every and (iteration + 1) % args.snapshot_every == 0:
+            torch.save(cpu_state(net), out.with_name(f"{out.stem}.iter{iteration + 1}{out.suffix}"))
+        outcomes = [r.outcome for r in results]
+        history.append({"iteration": iteration, "games": len(results), "new_positions": new_positions,
+                        "positions": len(data[0]), "loss": loss,
+                        "first_player_wins": sum(o > 0 for o in outcomes), "draws": sum(o == 0 for o in outcomes),
+                        "seconds": round(time.monotonic() - started, 1)})
+        print(f"iter {iteration:2d}  positions {len(data[0]):6d}  loss {loss:.3f}  "
+              f"p0 wins {history[-1]['first_player_wins']:3d}/{args.games}  {time.monotonic() - started:6.1f}s", flush=True)
+    return history
+
+
 def match(game, ours: Agent, theirs: Agent, games: int, seed: int) -> dict:
     """``games`` games, each side first in half of them; our score (a draw counts half)."""
     seats = [(ours, theirs) if g % 2 == 0 else (theirs, ours) for g in range(games)]
@@ -151,6 +235,11 @@ def main() -> int:
     parser.add_argument("--eval-games", type=int, default=64)
     parser.add_argument("--eval-simulations", type=int, default=64)
     parser.add_argument("--device", default="cpu", help="where the model server and the training run (cpu, cuda)")
+    parser.add_argument("--actors", type=int, default=1,
+                        help="self-play processes, sharing each iteration's model server, which batches their leaves "
+                             "together (1: the games are played in this process)")
+    parser.add_argument("--snapshot-every", type=int, default=0,
+                        help="also keep the weights after every N-th iteration as <out>.iterN.pt (0: never)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None, help="checkpoint path (default: the shipped one)")
     parser.add_argument("--results", default=None, help="JSON summary (default: bench/results/selfplay_training_<game>.json)")
@@ -159,7 +248,9 @@ def main() -> int:
         parser.error(f"--random-plies must be >= 0, got {args.random_plies}")
     if args.iterations < 0:
         parser.error(f"--iterations must be >= 0 (0: only evaluate --init against --previous), got {args.iterations}")
-    for name in ("games", "simulations", "window", "epochs", "eval_games", "eval_simulations"):
+    if args.snapshot_every < 0:
+        parser.error(f"--snapshot-every must be >= 0, got {args.snapshot_every}")
+    for name in ("games", "simulations", "window", "epochs", "eval_games", "eval_simulations", "actors"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.eval_games % 2:
@@ -187,51 +278,24 @@ def main() -> int:
     else:
         torch.save(net.state_dict(), previous)
     net.to(args.device)
-    optimizer = torch.optim.Adam(net.parameters(), lr=args.lr, weight_decay=1e-4)
     checkpoint = work / "current.pt"
     torch.save(net.state_dict(), checkpoint)
-    config = MCTSConfig(simulations=args.simulations, leaves_per_round=8, selection=args.selection)
-    buffer: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
-    started = time.monotonic()
-    history = []
-    games_played = positions_played = 0
-    for iteration in range(args.iterations):
-        if args.minutes is not None and time.monotonic() - started > 60 * args.minutes:
-            break
-        server, pool = serve(net_cls, {args.game: checkpoint}, args.device)
-        try:
-            agent = Agent("mcts", PolicyEvaluator(PoolPolicy(pool, args.game)), config, noise=True)
-            starts = random_starts(game, args.games, args.random_plies, rng) if args.random_plies else None
-            results = play_games(game, [(agent, agent)] * args.games, rng, temperature_moves=args.temperature_moves,
-                                 record=True, starts=starts)
-        finally:
-            pool.close()
-            server.stop()
-        states = np.stack([s for r in results for s in r.states])
-        policies = np.stack([p for r in results for p in r.policies])
-        values = value_targets(results, args.value_target)
-        games_played += len(results)
-        positions_played += len(states)
-        if isinstance(game, ConnectFour):
-            mirrored = mirror_connect4(game, states, policies)
-            states, policies, values = (np.concatenate([states, mirrored[0]]), np.concatenate([policies, mirrored[1]]),
-                                        np.concatenate([values, values]))
-        buffer = (buffer + [(states, policies, values)])[-args.window :]
-        data = [np.concatenate(parts) for parts in zip(*buffer)]
-        loss = train_step(net, optimizer, *data, epochs=args.epochs, batch=256, rng=rng, device=args.device)
-        torch.save(net.state_dict(), checkpoint)
-        outcomes = [r.outcome for r in results]
-        history.append({"iteration": iteration, "positions": len(data[0]), "loss": loss,
-                        "first_player_wins": sum(o > 0 for o in outcomes), "draws": sum(o == 0 for o in outcomes),
-                        "seconds": round(time.monotonic() - started, 1)})
-        print(f"iter {iteration:2d}  positions {len(data[0]):6d}  loss {loss:.3f}  "
-              f"p0 wins {history[-1]['first_player_wins']:3d}/{args.games}  {time.monotonic() - started:6.1f}s", flush=True)
-    train_seconds = time.monotonic() - started
-
     out.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({k: v.cpu() for k, v in net.state_dict().items()}, out)
+    started = time.monotonic()
+    actors = (concurrent.futures.ProcessPoolExecutor(args.actors, mp_context=multiprocessing.get_context("spawn"))
+              if args.actors > 1 else None)
+    try:
+        history = train(args, game, net_cls, net, checkpoint, out, rng, actors, started)
+    finally:
+        if actors is not None:
+            actors.shutdown(cancel_futures=True)
+    train_seconds = time.monotonic() - started
+    torch.save(cpu_state(net), out)
+    games_played = sum(h["games"] for h in history)
+    positions_played = sum(h["new_positions"] for h in history)
     # Evaluate through one model server hosting the new and the starting weights, at equal simulations.
-    server, pool = serve(net_cls, {"new": out, "previous": previous}, args.device)
+    server = serve(net_cls, {"new": out, "previous": previous}, args.device)
+    pool = ClientPool([server.url], connections_per_server=1).start(wait_s=60)
     try:
         eval_config = MCTSConfig(simulations=args.eval_simulations, leaves_per_round=8, selection=args.selection)
         ours = Agent("mcts", PolicyEvaluator(PoolPolicy(pool, "new")), eval_config)
@@ -245,7 +309,7 @@ def main() -> int:
     summary = {"game": game.name, "checkpoint": out.name, "bytes": out.stat().st_size,
                "init": shown(init), "previous": shown(pathlib.Path(args.previous) if args.previous else init),
                "device": args.device,
-               "cpu_cores": os.cpu_count(), "train_seconds": round(train_seconds, 1),
+               "cpu_cores": os.cpu_count(), "actors": args.actors, "train_seconds": round(train_seconds, 1),
                "iterations": len(history), "games_per_iteration": args.games, "games": games_played,
                "positions": positions_played, "simulations": args.simulations, "selection": args.selection,
                "lr": args.lr, "epochs": args.epochs, "window": args.window, "random_plies": args.random_plies,

@@ -316,6 +316,34 @@ def test_strength_benchmark_and_training_script_run(tmp_path):
         summary["eval"]["vs_previous"]["losses"] == 2
 
 
+@pytest.mark.slow
+def test_training_script_splits_games_over_actor_processes_and_keeps_snapshots(tmp_path):
+    import json
+    import os
+    import pathlib
+    import subprocess
+
+    import torch
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    summary_path, checkpoint = tmp_path / "training.json", tmp_path / "net.pt"
+    subprocess.run([sys.executable, str(root / "scripts" / "train_selfplay.py"), "--game", "connect4",
+                    "--iterations", "2", "--games", "3", "--actors", "2", "--simulations", "4", "--random-plies", "6",
+                    "--snapshot-every", "1", "--eval-games", "2", "--eval-simulations", "4", "--out", str(checkpoint),
+                    "--results", str(summary_path)], check=True, env={**os.environ, "PYTHONPATH": str(root)},
+                   cwd=root, capture_output=True, timeout=240)
+    summary = json.loads(summary_path.read_text())
+    assert summary["actors"] == 2 and summary["iterations"] == 2
+    assert [h["games"] for h in summary["history"]] == [3, 3] and summary["games"] == 6  # 2 + 1 per iteration
+    assert summary["positions"] == sum(h["new_positions"] for h in summary["history"]) > 6
+    snapshots = [tmp_path / "net.iter1.pt", tmp_path / "net.iter2.pt"]
+    assert all(path.is_file() for path in snapshots) and checkpoint.is_file()
+    last, final = (torch.load(path, weights_only=True) for path in (snapshots[1], checkpoint))
+    assert all(torch.equal(last[name], final[name]) for name in final)  # the last snapshot is the result
+    first = torch.load(snapshots[0], weights_only=True)
+    assert not all(torch.equal(first[name], final[name]) for name in final)  # the second iteration trained
+
+
 def test_training_script_refuses_bad_flags(tmp_path):
     import pathlib
     import subprocess
@@ -324,7 +352,9 @@ def test_training_script_refuses_bad_flags(tmp_path):
     for flags, message in ((["--eval-games", "3"], "--eval-games must be even"),
                            (["--random-plies", "-1"], "--random-plies must be >= 0"),
                            (["--init", str(tmp_path / "missing.pt")], "--init: no checkpoint at"),
-                           (["--value-target", "search"], "--value-target: invalid choice")):
+                           (["--value-target", "search"], "--value-target: invalid choice"),
+                           (["--actors", "0"], "--actors must be at least 1"),
+                           (["--snapshot-every", "-1"], "--snapshot-every must be >= 0")):
         result = subprocess.run([sys.executable, str(root / "scripts" / "train_selfplay.py"), "--game", "connect4",
                                  *flags], cwd=root, capture_output=True, text=True, timeout=60)
         assert result.returncode == 2 and message in result.stderr, result.stderr
