@@ -260,10 +260,10 @@ def test_gumbel_root_visits_the_considered_moves_by_halving():
 
 # -- the shipped networks, through a model server ----------------------------------------------------------
 # `python bench/bench_selfplay_strength.py --positions 60 --players net@400` measured 56/60 (93.3%) for Dots and
-# Boxes and 58/60 (96.7%) for Connect Four; each floor allows one more miss.
+# Boxes and 57/60 (95.0%) for Connect Four; each floor allows one more miss.
 STRENGTH_FLOORS = {  # game: (positions, simulations, floor for the share of optimal moves)
     "dots_boxes": (60, 400, 0.91),
-    "connect4": (60, 400, 0.94),
+    "connect4": (60, 400, 0.93),
 }
 
 
