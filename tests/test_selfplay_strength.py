@@ -334,6 +334,7 @@ def test_training_script_splits_games_over_actor_processes_and_keeps_snapshots(t
                    cwd=root, capture_output=True, timeout=240)
     summary = json.loads(summary_path.read_text())
     assert summary["actors"] == 2 and summary["iterations"] == 2
+    assert summary["server_threads"] == max(1, os.cpu_count() - 2)
     assert [h["games"] for h in summary["history"]] == [3, 3] and summary["games"] == 6  # 2 + 1 per iteration
     assert summary["positions"] == sum(h["new_positions"] for h in summary["history"]) > 6
     snapshots = [tmp_path / "net.iter1.pt", tmp_path / "net.iter2.pt"]
@@ -354,7 +355,8 @@ def test_training_script_refuses_bad_flags(tmp_path):
                            (["--init", str(tmp_path / "missing.pt")], "--init: no checkpoint at"),
                            (["--value-target", "search"], "--value-target: invalid choice"),
                            (["--actors", "0"], "--actors must be at least 1"),
-                           (["--snapshot-every", "-1"], "--snapshot-every must be >= 0")):
+                           (["--snapshot-every", "-1"], "--snapshot-every must be >= 0"),
+                           (["--server-threads", "0"], "--server-threads must be at least 1")):
         result = subprocess.run([sys.executable, str(root / "scripts" / "train_selfplay.py"), "--game", "connect4",
                                  *flags], cwd=root, capture_output=True, text=True, timeout=60)
         assert result.returncode == 2 and message in result.stderr, result.stderr
