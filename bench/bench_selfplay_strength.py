@@ -36,7 +36,7 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from benchlib import write_results  # noqa: E402
-from bench.selfplay_reference import load, mcts_choices, network_choices, reference_path, score_choices  # noqa: E402
+from bench.selfplay_reference import load, mcts_choices, network_choices, score_choices  # noqa: E402
 from gpu_worker.config import ModelConfig, ServerConfig  # noqa: E402
 from gpu_worker.launch import start_server_process  # noqa: E402
 from pi0_reward_server.client_pool import ClientPool  # noqa: E402
@@ -98,13 +98,10 @@ def main() -> int:
     for g in games:
         if g not in NETS:
             raise SystemExit(f"--games: unknown game {g!r}; known: {sorted(NETS)}")
-        try:
-            path = reference_path(g, args.reference)
-        except ValueError as e:
-            raise SystemExit(f"--reference: {e}") from None
-        if not path.is_file():  # before the model server starts
-            raise SystemExit(f"--reference: no {args.reference!r} set for {g} ({path}); make it with "
-                             f"python bench/selfplay_reference.py --games {g} --set {args.reference}")
+    try:  # before the model server starts
+        sets = {g: load(g, args.reference) for g in games}
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"--reference: {e}") from None
     ckpt_dir = pathlib.Path(args.checkpoint_dir or ROOT / "gpu_worker" / "checkpoints")
     models = tuple(ModelConfig(name=NETS[g][0], target=f"gpu_worker.models.selfplay_net:{NETS[g][1]}",
                                checkpoint=str(ckpt_dir / NETS[g][2])) for g in games)
@@ -116,7 +113,7 @@ def main() -> int:
     try:
         with ClientPool([server.url], connections_per_server=1).start(wait_s=60) as pool:
             for name in games:
-                game, positions = load(name, args.reference)
+                game, positions = sets[name]
                 positions = positions[: args.positions]
                 network = PolicyEvaluator(PoolPolicy(pool, NETS[name][0]))
                 rows = results["games"][name] = {}

@@ -139,31 +139,31 @@ def random_starts(game, count: int, max_plies: int, rng) -> list:
     return starts
 
 
-def actor_games(url: str, game_name: str, config: MCTSConfig, count: int, starts: list | None, seed: int,
-                temperature_moves: int) -> list:
-    """One self-play actor: ``count`` games through its own connection to the iteration's model server. Runs in
-    a spawned process, so that actors search in parallel and the server batches all their leaves together."""
-    game = make_game(game_name)
+def play_through(url: str, game, model: str, config: MCTSConfig, count: int, starts: list | None, rng,
+                 temperature_moves: int) -> list:
+    """``count`` recorded self-play games through one connection to the model server at ``url``."""
     pool = ClientPool([url], connections_per_server=1).start(wait_s=60)
     try:
-        agent = Agent("mcts", PolicyEvaluator(PoolPolicy(pool, game_name)), config, noise=True)
-        return play_games(game, [(agent, agent)] * count, np.random.default_rng(seed),
-                          temperature_moves=temperature_moves, record=True, starts=starts)
+        agent = Agent("mcts", PolicyEvaluator(PoolPolicy(pool, model)), config, noise=True)
+        return play_games(game, [(agent, agent)] * count, rng, temperature_moves=temperature_moves, record=True,
+                          starts=starts)
     finally:
         pool.close()
+
+
+def actor_games(url: str, game_name: str, config: MCTSConfig, count: int, starts: list | None, seed: int,
+                temperature_moves: int) -> list:
+    """One self-play actor's share of an iteration. Runs in a spawned process, so that actors search in parallel
+    and the server batches all their leaves together."""
+    return play_through(url, make_game(game_name), game_name, config, count, starts, np.random.default_rng(seed),
+                        temperature_moves)
 
 
 def self_play(game, args, config: MCTSConfig, url: str, rng, actors) -> list:
     """One iteration's ``--games`` games: in this process, or split over the ``actors`` process pool."""
     starts = random_starts(game, args.games, args.random_plies, rng) if args.random_plies else None
     if actors is None:
-        pool = ClientPool([url], connections_per_server=1).start(wait_s=60)
-        try:
-            agent = Agent("mcts", PolicyEvaluator(PoolPolicy(pool, args.game)), config, noise=True)
-            return play_games(game, [(agent, agent)] * args.games, rng, temperature_moves=args.temperature_moves,
-                              record=True, starts=starts)
-        finally:
-            pool.close()
+        return play_through(url, game, args.game, config, args.games, starts, rng, args.temperature_moves)
     shares = [share for share in np.array_split(np.arange(args.games), args.actors) if len(share)]
     futures = [actors.submit(actor_games, url, args.game, config, len(share),
                              None if starts is None else [starts[g] for g in share], int(rng.integers(2**63)),
