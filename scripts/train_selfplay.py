@@ -17,9 +17,9 @@ each iteration's games in N spawned processes that share the one model server
 (which batches all their leaves into its forward passes): the MCTS is Python
 and takes a core per actor, so on a many-core GPU box this is what makes the
 GPU worth having; the server's torch gets the cores the actors leave
-(``--server-threads``). Even on two cores ``--actors 2`` took about 30% less
-time than one process (two Connect Four iterations of 128 games: 35 s
-against 49 s). The weights are written after every iteration, and
+(``--server-threads``). Even on two cores ``--actors 2`` trains 1.29x the
+games per second of one process (``bench/bench_selfplay_actors.py``). The
+weights are written after every iteration, and
 ``--snapshot-every`` keeps intermediate ones for choosing among them.
 
 At the end the new network plays the starting one (``--init``) and MCTS

@@ -122,3 +122,18 @@ def test_commits_benchmark_runs(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads(out.read_text())["summary"]
     assert set(summary) == {"base", "head"} and all(summary[k]["2"]["requests_per_s"] > 0 for k in summary)
+
+
+@pytest.mark.slow
+def test_selfplay_actors_benchmark_runs(tmp_path):
+    out = tmp_path / "actors.json"
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_selfplay_actors.py"), "--rounds", "1",
+                             "--iterations", "1", "--games", "3", "--simulations", "4", "--out", str(out)],
+                            capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    figures = json.loads(out.read_text())
+    assert set(figures["summary"]) == {"1", "2"} and figures["summary"]["1"]["vs_first"] == 1.0
+    assert all(run["games"] == 3 and run["games_per_s"] > 0 for runs in figures["runs"].values() for run in runs)
+    bad = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_selfplay_actors.py"), "--actors", "1,x"],
+                         capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert bad.returncode == 2 and "--actors: expected comma-separated integers" in bad.stderr
